@@ -1,0 +1,54 @@
+# aproxy's build entry points. `make run` and `make test` are the README's two commands.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages the kernel test tier and the IPVS backend need (installed only when root and missing).
+APT_PACKAGES := user-mode-linux kmod ipvsadm iproute2 iptables conntrack procps python3-venv
+
+.PHONY: install run test lint types contracts pytest kernel-test bench lock clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+		if [ -n "$$missing" ]; then \
+			echo "installing Debian packages: $$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		fi; \
+	fi
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+run: install
+	$(BIN)/aproxy plan --source examples/cluster.yaml --node-name node-a --node-ip 192.0.2.10 --output text
+
+lint: install
+	$(BIN)/ruff check aproxy tests bench
+	$(BIN)/ruff format --check aproxy tests bench
+
+types: install
+	$(BIN)/mypy
+
+contracts: install
+	$(BIN)/lint-imports
+
+pytest: install
+	$(BIN)/pytest
+
+test: lint types contracts pytest
+
+bench: install
+	$(BIN)/python bench/core.py
+
+# Regenerate the lock file after changing pyproject.toml's pins.
+lock:
+	$(BIN)/pip install -q pip-tools==7.6.2
+	$(BIN)/pip-compile -q --extra dev --generate-hashes --strip-extras -o requirements.lock pyproject.toml
+
+clean:
+	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache
