@@ -15,6 +15,7 @@ from typing import ClassVar, TypeAlias
 IPAddress: TypeAlias = IPv4Address | IPv6Address
 
 # The schedulers the IPVS kernel module family provides (ip_vs_<name>); kube-router's and kube-proxy's set.
+SCHEDULER_FLAGS: frozenset[str] = frozenset({"flag-1", "flag-2", "flag-3"})
 SCHEDULERS: frozenset[str] = frozenset(
     {"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh"}
 )
@@ -65,8 +66,10 @@ class VirtualServerKey:
 class VirtualServerSpec:
     """The editable attributes of a virtual server: changing them is an in-place update, never a re-create.
 
-    ``flags`` holds IPVS scheduler flags by their ipvsadm names (``sh-fallback``, ``sh-port``,
-    ``flag-1`` ...); persistence is expressed by ``persistence_timeout`` (seconds, 0 = none), not by a flag.
+    ``flags`` holds IPVS scheduler flags by their canonical names ``flag-1``, ``flag-2``, ``flag-3``
+    (ipvsadm's ``sh-fallback``/``mh-fallback`` are ``flag-1``, ``sh-port``/``mh-port`` are ``flag-2``), so
+    that a spec read back from the kernel compares equal. Persistence is ``persistence_timeout`` (seconds,
+    0 = none), not a flag.
     """
 
     scheduler: str = DEFAULT_SCHEDULER

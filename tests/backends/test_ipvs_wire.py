@@ -33,7 +33,7 @@ FAMILY_ID = 0x1D
 V4 = VirtualServerKey(L4Protocol.TCP, ip_address("10.96.0.10"), 53)
 V6 = VirtualServerKey(L4Protocol.UDP, ip_address("fd00:10:96::a"), 5353)
 SCTP = VirtualServerKey(L4Protocol.SCTP, ip_address("10.96.0.11"), 9000)
-AFFINITY = VirtualServerSpec(scheduler="mh", persistence_timeout=10800, flags=frozenset({"mh-port"}))
+AFFINITY = VirtualServerSpec(scheduler="mh", persistence_timeout=10800, flags=frozenset({"flag-2"}))
 
 
 def _pyroute2_bytes(seq: int, cmd: int, attrs: list[tuple[str, Any]], *, ack: bool) -> bytes:
