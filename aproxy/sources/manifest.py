@@ -1,0 +1,197 @@
+"""Kubernetes manifests from files: the Services and EndpointSlices in YAML or JSON, as plain dicts.
+
+Public API::
+
+    load_manifests(paths: Sequence[Path]) -> Manifests     # raises ManifestError
+    manifest_files(paths: Sequence[Path]) -> list[Path]    # the files it reads, directories expanded
+    Manifests(services: tuple[dict, ...], slices: tuple[dict, ...])
+
+What is read:
+
+- A path that is a directory stands for every ``*.yaml``, ``*.yml`` and ``*.json`` regular file directly in it
+  (not recursive), in name order. Hidden files (``.name``) are left out: they are editor temporaries or, in a
+  ConfigMap mount, the mount's own bookkeeping.
+- ``*.json`` files are parsed as one JSON document; everything else as YAML, multi-document (``---``), with
+  the C loader when PyYAML has it. Text is UTF-8 (a BOM is tolerated).
+- A document may be one object, a list of objects, or a ``List`` / ``<Kind>List`` object whose ``items`` are
+  flattened (nested Lists too). Items of a typed list (``ServiceList`` from ``kubectl get -o yaml``) carry no
+  ``kind``/``apiVersion``: they get the list's (``Service``, and the list's apiVersion).
+- Kept: ``v1`` ``Service`` and ``discovery.k8s.io/v1`` ``EndpointSlice``. Every other kind is ignored silently
+  (a Deployment next to its Service is normal). Null documents and null items are skipped.
+- A kept object without ``metadata.namespace`` (or with a null/empty one) gets ``"default"``, as kubectl does.
+  A kept object with no usable metadata or name is passed through unchanged: the core's parser reports it as a
+  skip, like any other bad object, instead of failing the whole file here.
+- Objects are returned in file order; the same object twice is returned twice (the later one wins when fed to
+  the change tracker).
+
+Errors: anything that makes a file unusable as a whole raises ``ManifestError`` with a one-line message naming
+the file (``aproxy plan`` prints it and exits 2)::
+
+    cannot read FILE: No such file or directory
+    FILE: not UTF-8 text at byte N
+    FILE: invalid YAML at line L, column C: PROBLEM
+    FILE: invalid JSON at line L, column C: PROBLEM
+    FILE: document N: expected a mapping or a list at the top level, got str
+    FILE: document N: items[2] is int, expected a mapping
+    FILE: document N: items of ServiceList is str, expected a list
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_Loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+SERVICE = ("v1", "Service")
+ENDPOINT_SLICE = ("discovery.k8s.io/v1", "EndpointSlice")
+MANIFEST_SUFFIXES = frozenset({".yaml", ".yml", ".json"})
+DEFAULT_NAMESPACE = "default"
+# Lists inside Lists are legal but rare; the bound stops a self-referencing YAML alias from recursing forever.
+_MAX_LIST_DEPTH = 8
+
+
+class ManifestError(Exception):
+    """A manifest file cannot be used at all; ``str()`` is a one-line message naming the file."""
+
+
+@dataclass(frozen=True, slots=True)
+class Manifests:
+    """The kept objects, as raw dicts in file order."""
+
+    services: tuple[dict[str, Any], ...] = ()
+    slices: tuple[dict[str, Any], ...] = ()
+
+
+def manifest_files(paths: Sequence[Path]) -> list[Path]:
+    """The files ``load_manifests`` reads: files as given, directories expanded (sorted, non-recursive)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(_directory_manifests(path))
+        else:
+            files.append(path)
+    return files
+
+
+def load_manifests(paths: Sequence[Path]) -> Manifests:
+    """Read every file (see ``manifest_files``) and keep its Services and EndpointSlices.
+
+    Raises ``ManifestError`` on the first file that cannot be read or parsed.
+    """
+    services: list[dict[str, Any]] = []
+    slices: list[dict[str, Any]] = []
+    for file in manifest_files(paths):
+        for obj in _file_objects(file):
+            identity = (obj.get("apiVersion"), obj.get("kind"))
+            if identity == SERVICE:
+                services.append(_with_default_namespace(obj))
+            elif identity == ENDPOINT_SLICE:
+                slices.append(_with_default_namespace(obj))
+    return Manifests(services=tuple(services), slices=tuple(slices))
+
+
+def _directory_manifests(directory: Path) -> list[Path]:
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError as exc:
+        raise ManifestError(f"cannot read {directory}: {exc.strerror or exc}") from exc
+    return [
+        entry
+        for entry in entries
+        if entry.suffix in MANIFEST_SUFFIXES and not entry.name.startswith(".") and entry.is_file()
+    ]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: not UTF-8 text at byte {exc.start}") from exc
+
+
+def _documents(path: Path, text: str) -> list[Any]:
+    if path.suffix == ".json":
+        try:
+            return [json.loads(text)]
+        except json.JSONDecodeError as exc:
+            raise ManifestError(
+                f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
+            ) from exc
+    try:
+        return list(yaml.load_all(text, Loader=_Loader))
+    except yaml.MarkedYAMLError as exc:
+        problem = _one_line(exc.problem or str(exc))
+        mark = exc.problem_mark
+        where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise ManifestError(f"{path}: invalid YAML{where}: {problem}") from exc
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: invalid YAML: {_one_line(str(exc))}") from exc
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _file_objects(path: Path) -> Iterator[dict[str, Any]]:
+    for number, document in enumerate(_documents(path, _read_text(path)), start=1):
+        where = f"{path}: document {number}"
+        if document is None:
+            continue
+        if isinstance(document, list):
+            yield from _list_items(document, "", None, where, depth=0)
+        elif isinstance(document, dict):
+            yield from _flatten(document, where, depth=0)
+        else:
+            raise ManifestError(
+                f"{where}: expected a mapping or a list at the top level, got {type(document).__name__}"
+            )
+
+
+def _flatten(obj: dict[str, Any], where: str, depth: int, location: str = "") -> Iterator[dict[str, Any]]:
+    kind = obj.get("kind")
+    if not (isinstance(kind, str) and kind.endswith("List")):
+        yield obj
+        return
+    if depth >= _MAX_LIST_DEPTH:
+        raise ManifestError(f"{where}: Lists nested deeper than {_MAX_LIST_DEPTH}")
+    items = obj.get("items")
+    if items is None:
+        return
+    if not isinstance(items, list):
+        raise ManifestError(f"{where}: {location}items of {kind} is {type(items).__name__}, expected a list")
+    # "ServiceList" items are Services; a plain "List" says nothing about its items.
+    item_kind = kind.removesuffix("List") or None
+    inherited = None if item_kind is None else (obj.get("apiVersion"), item_kind)
+    yield from _list_items(items, f"{location}items", inherited, where, depth + 1)
+
+
+def _list_items(
+    items: list[Any], location: str, inherited: tuple[Any, str] | None, where: str, depth: int
+) -> Iterator[dict[str, Any]]:
+    for index, item in enumerate(items):
+        item_location = f"{location}[{index}]"
+        if item is None:
+            continue
+        if not isinstance(item, dict):
+            raise ManifestError(f"{where}: {item_location} is {type(item).__name__}, expected a mapping")
+        if inherited is not None and "kind" not in item:
+            api_version, kind = inherited
+            item = {"apiVersion": api_version, "kind": kind, **item}
+        yield from _flatten(item, where, depth, f"{item_location}.")
+
+
+def _with_default_namespace(obj: dict[str, Any]) -> dict[str, Any]:
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict) and not metadata.get("namespace"):
+        return {**obj, "metadata": {**metadata, "namespace": DEFAULT_NAMESPACE}}
+    return obj
