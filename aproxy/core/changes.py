@@ -1,0 +1,275 @@
+"""Intake: the newest Service and EndpointSlice objects, and which services changed since the last sync.
+
+Watch handlers call ``upsert_*``/``delete_*`` with raw objects; the tracker parses each once, keeps the slim
+result, and marks the affected ``ServiceKey`` dirty only when something translation reads changed (a relist,
+or an update of fields translation ignores, marks nothing). The sync task takes the dirty keys and asks
+``inputs``/``desired`` for just those services, so the cost of a sync follows the change, not the cluster:
+slices are indexed by service.
+
+Rules:
+
+- A slice is keyed by (namespace, slice name). If its ``kubernetes.io/service-name`` label changes, the old
+  and the new service both become dirty.
+- Services labelled ``service.kubernetes.io/service-proxy-name`` are absent for aproxy (gaining the label is
+  like a delete); slices labelled that or ``service.kubernetes.io/headless`` likewise.
+- A Service or slice that fails to parse is absent too (its previous good version is forgotten), so the
+  incremental result always equals a from-scratch translation of the objects last seen.
+- Skips are reported once: ``new_skips`` returns each skip the first time it appears for its object, and
+  again only if it disappeared (the object was fixed or deleted) and came back.
+- Nothing may be applied before both kinds were listed once (``initialized``): a restart must never apply a
+  half-known cluster. ``take_dirty`` does not enforce it; the sync task checks ``initialized`` (and its first
+  sync is a full one anyway).
+- An object whose ``metadata.resourceVersion`` equals the stored one's is not even parsed again (a relist of
+  10,000 services costs milliseconds). The API server changes the version on every write; a source that
+  reads files must not pass a stale version with edited content (leaving it out always works: the content
+  is then compared).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Final, Literal
+
+from aproxy.core.model import ServiceKey, ServiceState
+from aproxy.core.objects import (
+    SERVICE_KIND,
+    SLICE_KIND,
+    ServiceInfo,
+    Severity,
+    Skip,
+    SliceInfo,
+    parse_service,
+    parse_slice,
+)
+from aproxy.core.translate import TranslationContext, translate_service
+
+ListedKind = Literal["services", "endpointslices"]
+_KINDS: Final = frozenset({"services", "endpointslices"})
+
+# (kind, namespace, name) of the object a set of skips belongs to.
+_ObjectId = tuple[str, str, str]
+
+
+class UnknownKindError(ValueError):
+    """``mark_listed`` got something other than "services" or "endpointslices"."""
+
+
+class ChangeTracker:
+    """The last-seen objects per service, the dirty set, the initialized gate and the skip reports."""
+
+    def __init__(self) -> None:
+        self._services: dict[ServiceKey, ServiceInfo] = {}
+        self._slices: dict[tuple[str, str], SliceInfo] = {}
+        self._slices_by_service: dict[ServiceKey, dict[str, SliceInfo]] = {}
+        self._dirty: set[ServiceKey] = set()
+        self._listed: set[str] = set()
+        self._active_skips: dict[_ObjectId, frozenset[Skip]] = {}
+        self._new_skips: list[Skip] = []
+        self._skip_counts: Counter[tuple[str, Severity]] = Counter()
+        self._service_changes = 0
+        self._slice_changes = 0
+
+    # --- intake ---------------------------------------------------------------------------------------------
+
+    def upsert_service(self, raw: object) -> bool:
+        """Record a Service (added or modified). True when its service became dirty."""
+        ident = _raw_identity(raw)
+        if ident is not None:
+            # A relist: Kubernetes bumps resourceVersion on every change, so an equal one is the same object.
+            stored = self._services.get(ServiceKey(ident[0], ident[1]))
+            if stored is not None and stored.resource_version == ident[2]:
+                return False
+        parsed = parse_service(raw)
+        if isinstance(parsed, Skip):
+            self._report((SERVICE_KIND, parsed.namespace, parsed.name), (parsed,))
+            if parsed.namespace and parsed.name:
+                return self._drop_service(ServiceKey(parsed.namespace, parsed.name))
+            return False
+        key = parsed.key
+        self._report((SERVICE_KIND, key.namespace, key.name), () if parsed.proxy_name_label else parsed.skips)
+        old = self._services.get(key)
+        self._services[key] = parsed  # the newest resourceVersion, even when nothing else changed
+        if old == parsed:
+            return False
+        return self._service_changed(key)
+
+    def delete_service(self, namespace: str, name: str) -> bool:
+        """Record a Service deletion. True when its service became dirty."""
+        self._report((SERVICE_KIND, namespace, name), ())
+        return self._drop_service(ServiceKey(namespace, name))
+
+    def upsert_slice(self, raw: object) -> bool:
+        """Record an EndpointSlice (added or modified). True when a service became dirty."""
+        ident = _raw_identity(raw)
+        if ident is not None:
+            stored = self._slices.get((ident[0], ident[1]))
+            if stored is not None and stored.resource_version == ident[2]:
+                return False
+        parsed = parse_slice(raw)
+        if isinstance(parsed, Skip):
+            self._report((SLICE_KIND, parsed.namespace, parsed.name), (parsed,))
+            if parsed.namespace and parsed.name:
+                return self._drop_slice(parsed.namespace, parsed.name)
+            return False
+        self._report((SLICE_KIND, parsed.namespace, parsed.name), parsed.skips)
+        if parsed.ignored:
+            return self._drop_slice(parsed.namespace, parsed.name)
+        slice_id = (parsed.namespace, parsed.name)
+        old = self._slices.get(slice_id)
+        self._slices[slice_id] = parsed
+        self._slices_by_service.setdefault(parsed.service_key, {})[parsed.name] = parsed
+        if old == parsed:
+            return False
+        if old is not None and old.service_name != parsed.service_name:
+            # Relabelled: the old service loses these endpoints, the new one gains them.
+            self._unindex(old)
+            return self._slice_changed(old.service_key, parsed.service_key)
+        return self._slice_changed(parsed.service_key)
+
+    def delete_slice(self, namespace: str, name: str) -> bool:
+        """Record an EndpointSlice deletion. True when a service became dirty."""
+        self._report((SLICE_KIND, namespace, name), ())
+        return self._drop_slice(namespace, name)
+
+    def mark_listed(self, kind: ListedKind) -> None:
+        """The first complete list of ``kind`` ("services" or "endpointslices") has been taken in."""
+        if kind not in _KINDS:
+            raise UnknownKindError(f"unknown kind {kind!r}: expected one of {sorted(_KINDS)}")
+        self._listed.add(kind)
+
+    @property
+    def initialized(self) -> bool:
+        """Both Services and EndpointSlices have been listed once: syncing is safe."""
+        return self._listed == _KINDS
+
+    # --- sync side ------------------------------------------------------------------------------------------
+
+    def take_dirty(self) -> set[ServiceKey]:
+        """The services whose inputs changed since the last call (and forget them)."""
+        dirty, self._dirty = self._dirty, set()
+        return dirty
+
+    @property
+    def dirty_count(self) -> int:
+        """Services changed and not yet taken (kube-proxy's ``*_changes_pending``)."""
+        return len(self._dirty)
+
+    def inputs(self, key: ServiceKey) -> tuple[ServiceInfo | None, list[SliceInfo]]:
+        """The service (None when absent, unparseable or another proxy's) and its slices, sorted by name."""
+        service = self._services.get(key)
+        if service is not None and service.proxy_name_label:
+            service = None
+        slices = self._slices_by_service.get(key, {})
+        return service, [slices[name] for name in sorted(slices)]
+
+    def desired(
+        self, key: ServiceKey, ctx: TranslationContext
+    ) -> tuple[ServiceState | None, tuple[Skip, ...]]:
+        """The service's desired state (None: absent, ignored or unparseable) and its current warnings.
+
+        The warnings were already reported once through ``new_skips`` at intake; these are for display."""
+        service, slices = self.inputs(key)
+        if service is None:
+            return None, ()
+        translation = translate_service(service, slices, ctx)
+        return translation.state, translation.skips
+
+    def services(self) -> frozenset[ServiceKey]:
+        """The keys of the services aproxy serves (present, parsed, not another proxy's)."""
+        return frozenset(key for key, service in self._services.items() if not service.proxy_name_label)
+
+    def new_skips(self) -> list[Skip]:
+        """Skips not reported before, oldest first (and forget them): log each of these once."""
+        skips, self._new_skips = self._new_skips, []
+        return skips
+
+    # --- counts ---------------------------------------------------------------------------------------------
+
+    @property
+    def skipped_total(self) -> dict[str, int]:
+        """Skips reported so far, by kind ("Service", "EndpointSlice"), both severities."""
+        totals: Counter[str] = Counter()
+        for (kind, _), count in self._skip_counts.items():
+            totals[kind] += count
+        return dict(totals)
+
+    @property
+    def skip_counts(self) -> dict[tuple[str, Severity], int]:
+        """Skips reported so far, by (kind, severity): whole objects (error) and parts (warning)."""
+        return dict(self._skip_counts)
+
+    @property
+    def service_changes_total(self) -> int:
+        """Service events that changed a service's inputs."""
+        return self._service_changes
+
+    @property
+    def slice_changes_total(self) -> int:
+        """EndpointSlice events that changed a service's inputs."""
+        return self._slice_changes
+
+    @property
+    def service_count(self) -> int:
+        return len(self._services)
+
+    @property
+    def slice_count(self) -> int:
+        return len(self._slices)
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _service_changed(self, key: ServiceKey) -> bool:
+        self._service_changes += 1
+        self._dirty.add(key)
+        return True
+
+    def _slice_changed(self, *keys: ServiceKey) -> bool:
+        self._slice_changes += 1
+        self._dirty.update(keys)
+        return True
+
+    def _drop_service(self, key: ServiceKey) -> bool:
+        if self._services.pop(key, None) is None:
+            return False
+        return self._service_changed(key)
+
+    def _drop_slice(self, namespace: str, name: str) -> bool:
+        old = self._slices.pop((namespace, name), None)
+        if old is None:
+            return False
+        self._unindex(old)
+        return self._slice_changed(old.service_key)
+
+    def _unindex(self, old: SliceInfo) -> None:
+        key = old.service_key
+        slices = self._slices_by_service.get(key)
+        if slices is None:
+            return
+        slices.pop(old.name, None)
+        if not slices:
+            del self._slices_by_service[key]
+
+    def _report(self, ident: _ObjectId, skips: tuple[Skip, ...]) -> None:
+        """Make ``skips`` the object's current ones; those it did not have already are new reports."""
+        current = frozenset(skips)
+        previous = self._active_skips.get(ident, frozenset())
+        for skip in dict.fromkeys(skips):
+            if skip not in previous:
+                self._new_skips.append(skip)
+                self._skip_counts[(skip.kind, skip.severity)] += 1
+        if current:
+            self._active_skips[ident] = current
+        else:
+            self._active_skips.pop(ident, None)
+
+
+def _raw_identity(raw: object) -> tuple[str, str, str] | None:
+    """(namespace, name, resourceVersion) of a raw object when all three are non-empty strings."""
+    meta = raw.get("metadata") if isinstance(raw, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return None
+    namespace, name, version = meta.get("namespace"), meta.get("name"), meta.get("resourceVersion")
+    if isinstance(namespace, str) and isinstance(name, str) and isinstance(version, str):
+        return (namespace, name, version) if namespace and name and version else None
+    return None
