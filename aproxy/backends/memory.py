@@ -1,0 +1,76 @@
+"""A backend that keeps the "kernel" in memory: tests, and ``--backend dry-run``.
+
+It rejects what the kernel rejects (through ``IPVSState.apply``), with the kernel's errno, one operation at a
+time and without stopping: the same contract as the netlink backend, so sync-loop tests see real failures.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from errno import EIO
+from os import strerror
+
+from aproxy.backends.base import OperationResult
+from aproxy.core.model import Operation
+from aproxy.core.state import IPVSState, StateError
+
+
+@dataclass(slots=True)
+class _InjectedFailure:
+    matches: Callable[[Operation], bool]
+    errno: int
+    remaining: int
+
+
+class MemoryBackend:
+    """Backend on an ``IPVSState``. ``applied`` and ``rejected`` count operations by name (``op.name``)."""
+
+    def __init__(self, state: IPVSState | None = None) -> None:
+        self._state = state.copy() if state is not None else IPVSState()
+        self.applied: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self._failures: list[_InjectedFailure] = []
+
+    async def apply(self, operations: Sequence[Operation]) -> list[OperationResult]:
+        return self.apply_sync(operations)
+
+    async def dump(self) -> IPVSState:
+        return self.dump_sync()
+
+    def apply_sync(self, operations: Sequence[Operation]) -> list[OperationResult]:
+        """Apply each operation in order; a rejected one gets its error and the rest go on."""
+        return [self._apply_one(op) for op in operations]
+
+    def dump_sync(self) -> IPVSState:
+        return self._state.copy()
+
+    def inject_failure(self, matches: Callable[[Operation], bool], errno: int = EIO, times: int = 1) -> None:
+        """Make the next ``times`` operations for which ``matches`` is true fail with ``errno``, unapplied.
+
+        For testing a caller's failure handling; the state is left as a failing kernel would leave it.
+        """
+        self._failures.append(_InjectedFailure(matches, errno, times))
+
+    def _apply_one(self, op: Operation) -> OperationResult:
+        injected = self._take_injected(op)
+        if injected is not None:
+            self.rejected[op.name] += 1
+            return OperationResult(op, f"{op.name}: {strerror(injected)} (injected)", injected)
+        try:
+            self._state.apply(op)
+        except StateError as error:
+            self.rejected[op.name] += 1
+            return OperationResult(op, str(error), error.errno)
+        self.applied[op.name] += 1
+        return OperationResult(op)
+
+    def _take_injected(self, op: Operation) -> int | None:
+        for failure in self._failures:
+            if failure.remaining > 0 and failure.matches(op):
+                failure.remaining -= 1
+                if failure.remaining == 0:
+                    self._failures.remove(failure)
+                return failure.errno
+        return None
