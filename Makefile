@@ -42,6 +42,9 @@ pytest: install
 
 test: lint types contracts pytest
 
+kernel-test: install
+	$(BIN)/python tests/kernel/run.py
+
 bench: install
 	$(BIN)/python bench/core.py
 
