@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from errno import EADDRNOTAVAIL, EEXIST, ENOENT, ESRCH
 from typing import Protocol
 
-from aproxy.core.model import Operation
+from aproxy.core.model import Operation, RealServerKey, VirtualServerKey
 from aproxy.core.state import IPVSState
 
 # The answers that mean "the applied state was wrong about this object", not "the kernel failed": the sync
@@ -38,6 +38,14 @@ class OperationResult:
         return self.errno in STATE_MISMATCH_ERRNOS
 
 
+@dataclass(frozen=True, slots=True)
+class RealServerConnections:
+    """IPVS's connection counts of one real server (what decides when a drain is over)."""
+
+    active: int
+    inactive: int
+
+
 class Backend(Protocol):
     async def apply(self, operations: Sequence[Operation]) -> list[OperationResult]:
         """Apply in order; one result per operation, in the same order. A rejected operation does not stop
@@ -46,4 +54,8 @@ class Backend(Protocol):
 
     async def dump(self) -> IPVSState:
         """The state aproxy owns on this node (foreign virtual servers left out)."""
+        ...
+
+    async def connections(self, key: VirtualServerKey) -> Mapping[RealServerKey, RealServerConnections]:
+        """The connection counts of the real servers of one owned virtual server (empty if it is gone)."""
         ...

@@ -7,13 +7,13 @@ time and without stopping: the same contract as the netlink backend, so sync-loo
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from errno import EIO
 from os import strerror
 
-from aproxy.backends.base import OperationResult
-from aproxy.core.model import Operation
+from aproxy.backends.base import OperationResult, RealServerConnections
+from aproxy.core.model import Operation, RealServerKey, VirtualServerKey
 from aproxy.core.state import IPVSState, StateError
 
 
@@ -32,12 +32,18 @@ class MemoryBackend:
         self.applied: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self._failures: list[_InjectedFailure] = []
+        # Connection counts a test sets to hold a drain open; real servers not listed have none.
+        self.connection_counts: dict[tuple[VirtualServerKey, RealServerKey], RealServerConnections] = {}
 
     async def apply(self, operations: Sequence[Operation]) -> list[OperationResult]:
         return self.apply_sync(operations)
 
     async def dump(self) -> IPVSState:
         return self.dump_sync()
+
+    async def connections(self, key: VirtualServerKey) -> Mapping[RealServerKey, RealServerConnections]:
+        none = RealServerConnections(0, 0)
+        return {real: self.connection_counts.get((key, real), none) for real in self._state.real_servers(key)}
 
     def apply_sync(self, operations: Sequence[Operation]) -> list[OperationResult]:
         """Apply each operation in order; a rejected one gets its error and the rest go on."""

@@ -1,0 +1,385 @@
+"""The Linux IPVS backend: the only module that speaks netlink (through pyroute2 and a raw batch socket).
+
+- Writes go through :class:`BatchSocket`: many generic-netlink requests per ``sendmsg``, each with its own
+  sequence number, an acknowledgement asked only on the last; every error comes back with the sequence
+  number of its request, so each failure is attributed to its operation.
+- Reads (dumps) and the dummy device go through pyroute2's asyncio API (``AsyncIPVS``, ``AsyncIPRoute``).
+- Ownership: aproxy changes only virtual servers whose address is bound on its dummy device, or that it
+  created on another address (NodePorts on node addresses, external IPs that are node addresses) and recorded
+  in its state file. Everything else in the kernel (keepalived's, an operator's) is invisible to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import AsyncIPRoute, AsyncIPVS, IPVSService
+from pyroute2.netlink.exceptions import NetlinkError
+
+from aproxy.backends import ipvs_wire
+from aproxy.backends.base import OperationResult, RealServerConnections
+from aproxy.core.model import (
+    AddRealServer,
+    AddVirtualServer,
+    BindAddress,
+    DeleteVirtualServer,
+    IPAddress,
+    L4Protocol,
+    Operation,
+    RealServer,
+    RealServerKey,
+    UnbindAddress,
+    VirtualServerKey,
+    VirtualServerSpec,
+)
+from aproxy.core.state import IPVSState
+
+log = logging.getLogger(__name__)
+
+SOL_NETLINK = 270
+NETLINK_GENERIC = 16  # not in typeshed's socket module
+NETLINK_CAP_ACK = 10
+NETLINK_EXT_ACK = 11
+# Enough for every message of a batch to fail without the kernel dropping an error (ENOBUFS).
+SOCKET_BUFFER = 16 * 1024 * 1024
+_PROTOCOLS_BY_NUMBER = {number: protocol for protocol, number in ipvs_wire.PROTOCOL_NUMBERS.items()}
+
+
+class IPVSUnavailable(RuntimeError):
+    """The kernel has no IPVS (module not loaded, or not permitted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class IPVSSettings:
+    device: str = "kube-ipvs0"
+    # Where the record of owned virtual servers on addresses not bound on the device is kept.
+    state_file: Path = Path("/run/aproxy/owned-virtual-servers.json")
+    batch_messages: int = 512
+    batch_bytes: int = 128 * 1024
+    ack_timeout: float = 10.0
+
+
+class BatchSocket:
+    """A raw generic-netlink socket that sends IPVS requests in batches and maps acknowledgements back."""
+
+    def __init__(self, family_id: int, settings: IPVSSettings) -> None:
+        self._family_id = family_id
+        self._settings = settings
+        self._seq = itertools.count(1)
+        # Totals for tests, benchmarks and metrics: incrementality is asserted on these, not on time.
+        self.messages_sent = 0
+        self.batches_sent = 0
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+        sock.setblocking(False)
+        # Errors then carry only the header of the failing request, not its whole payload.
+        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        for option, forced in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+        sock.bind((0, 0))
+        self._sock = sock
+
+    def close(self) -> None:
+        self._sock.close()
+
+    async def send(self, operations: Sequence[ipvs_wire.IPVSOperation]) -> list[int]:
+        """Apply the operations in order; return each one's errno (0 = applied)."""
+        results: list[int] = []
+        for chunk in self._chunks(operations):
+            results.extend(await self._send_chunk(chunk))
+        return results
+
+    def _chunks(self, operations: Sequence[ipvs_wire.IPVSOperation]) -> Iterable[list[tuple[int, bytes]]]:
+        chunk: list[tuple[int, bytes]] = []
+        size = 0
+        for op in operations:
+            command, body = ipvs_wire.request_body(op)
+            if chunk and (
+                len(chunk) >= self._settings.batch_messages or size + len(body) > self._settings.batch_bytes
+            ):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append((command, body))
+            size += len(body) + 20
+        if chunk:
+            yield chunk
+
+    async def _send_chunk(self, chunk: list[tuple[int, bytes]]) -> list[int]:
+        seqs = [next(self._seq) for _ in chunk]
+        last = len(chunk) - 1
+        buffer = b"".join(
+            ipvs_wire.pack_request(self._family_id, seq, command, body, ack=index == last)
+            for index, (seq, (command, body)) in enumerate(zip(seqs, chunk, strict=True))
+        )
+        outcome = dict.fromkeys(seqs, 0)
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(self._sock, buffer)
+        self.messages_sent += len(chunk)
+        self.batches_sent += 1
+        async with asyncio.timeout(self._settings.ack_timeout):
+            while True:
+                data = await loop.sock_recv(self._sock, 65536)
+                for ack in ipvs_wire.parse_acks(data):
+                    if ack.seq in outcome:
+                        outcome[ack.seq] = ack.error
+                    if ack.seq == seqs[last]:
+                        return [outcome[seq] for seq in seqs]
+
+
+class OwnershipRecord:
+    """Virtual servers aproxy created on addresses it does not bind (NodePorts, node-address external IPs).
+
+    Written before the kernel is asked (an intent), pruned of what the kernel refused, so a crash in between
+    can only leave a record of a virtual server that does not exist, never an owned one that is not recorded.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._keys: set[VirtualServerKey] = set()
+
+    def load(self) -> None:
+        try:
+            entries = json.loads(self._path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "ignoring unreadable ownership record", extra={"path": str(self._path), "error": str(exc)}
+            )
+            return
+        self._keys = {_key_from_record(entry) for entry in entries if isinstance(entry, list)}
+
+    def __contains__(self, key: VirtualServerKey) -> bool:
+        return key in self._keys
+
+    def keys(self) -> frozenset[VirtualServerKey]:
+        return frozenset(self._keys)
+
+    def update(self, add: Iterable[VirtualServerKey] = (), remove: Iterable[VirtualServerKey] = ()) -> None:
+        before = len(self._keys)
+        added = set(add) - self._keys
+        self._keys |= added
+        self._keys -= set(remove)
+        if added or len(self._keys) != before:
+            self._save()
+
+    def _save(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        entries = sorted(([k.protocol.value, str(k.address), k.port] for k in self._keys), key=str)
+        temporary = self._path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(entries))
+        os.replace(temporary, self._path)
+
+
+def _key_from_record(entry: list[Any]) -> VirtualServerKey:
+    protocol, address, port = entry
+    return VirtualServerKey(L4Protocol(protocol), ip_address(address), int(port))
+
+
+@dataclass(slots=True)
+class IPVSBackend:
+    """The Backend Protocol on the kernel. Use as ``async with IPVSBackend(settings) as backend``."""
+
+    settings: IPVSSettings = field(default_factory=IPVSSettings)
+    _ipvs: AsyncIPVS | None = None
+    _ipr: AsyncIPRoute | None = None
+    _batch: BatchSocket | None = None
+    _device_index: int | None = None
+    _bound: set[IPAddress] = field(default_factory=set)
+    _record: OwnershipRecord | None = None
+
+    async def __aenter__(self) -> IPVSBackend:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def open(self) -> None:
+        ipvs = AsyncIPVS()
+        try:
+            await ipvs.setup_endpoint()
+        except (NetlinkError, OSError) as exc:
+            ipvs.close()
+            raise IPVSUnavailable(f"IPVS generic netlink family not available: {exc}") from exc
+        self._ipvs = ipvs
+        self._ipr = AsyncIPRoute()
+        self._batch = BatchSocket(ipvs.prid, self.settings)
+        self._record = OwnershipRecord(self.settings.state_file)
+        self._record.load()
+        self._device_index = await self._ensure_device()
+        self._bound = await self._device_addresses()
+
+    @property
+    def netlink_messages_sent(self) -> int:
+        """IPVS requests sent so far (one per IPVS operation; address changes are not counted)."""
+        return self._batch.messages_sent if self._batch is not None else 0
+
+    def close(self) -> None:
+        for closable in (self._batch, self._ipvs, self._ipr):
+            if closable is not None:
+                closable.close()
+        self._batch = self._ipvs = self._ipr = None
+
+    # --- the Backend Protocol ----------------------------------------------------------------------------
+
+    async def apply(self, operations: Sequence[Operation]) -> list[OperationResult]:
+        """Apply in order: runs of IPVS operations go out as batches, address changes one by one."""
+        results: list[OperationResult] = []
+        for is_link, run in itertools.groupby(
+            operations, key=lambda op: isinstance(op, BindAddress | UnbindAddress)
+        ):
+            ops = list(run)
+            if is_link:
+                results.extend([await self._apply_address(op) for op in ops])  # type: ignore[arg-type]
+            else:
+                results.extend(await self._apply_ipvs(ops))  # type: ignore[arg-type]
+        return results
+
+    async def dump(self) -> IPVSState:
+        """The owned part of the kernel's IPVS state."""
+        state = IPVSState()
+        self._bound = await self._device_addresses()
+        for address in self._bound:
+            state.apply(BindAddress(address))
+        for key, spec in await self._dump_services():
+            if self._owns(key):
+                state.apply(AddVirtualServer(key, spec))
+                for real, weight, _conns in await self._dump_dests(key):
+                    state.apply(AddRealServer(key, RealServer(real.address, real.port, weight)))
+        return state
+
+    # --- beyond the Protocol: what the drain and cleanup need -----------------------------------------------
+
+    async def connections(self, key: VirtualServerKey) -> dict[RealServerKey, RealServerConnections]:
+        return {real: conns for real, _weight, conns in await self._dump_dests(key)}
+
+    async def cleanup(self) -> int:
+        """Remove every owned virtual server, every bound address and the device; return how many removed."""
+        owned = [key for key, _spec in await self._dump_services() if self._owns(key)]
+        results = await self._apply_ipvs([DeleteVirtualServer(key) for key in owned])
+        assert self._ipr is not None and self._device_index is not None
+        await self._ipr.link("del", index=self._device_index)
+        self._device_index = None
+        self._bound.clear()
+        assert self._record is not None
+        self._record.update(remove=self._record.keys())
+        return sum(result.ok for result in results)
+
+    # --- internals ---------------------------------------------------------------------------------------
+
+    def _owns(self, key: VirtualServerKey) -> bool:
+        assert self._record is not None
+        return key.address in self._bound or key in self._record
+
+    async def _apply_ipvs(self, ops: Sequence[ipvs_wire.IPVSOperation]) -> list[OperationResult]:
+        assert self._batch is not None and self._record is not None
+        unbound_adds = [
+            op.key for op in ops if isinstance(op, AddVirtualServer) and op.key.address not in self._bound
+        ]
+        self._record.update(add=unbound_adds)
+        codes = await self._batch.send(ops)
+        refused_adds = [
+            op.key for op, code in zip(ops, codes, strict=True) if code and isinstance(op, AddVirtualServer)
+        ]
+        deleted = [
+            op.key
+            for op, code in zip(ops, codes, strict=True)
+            if not code and isinstance(op, DeleteVirtualServer)
+        ]
+        self._record.update(remove=[*refused_adds, *deleted])
+        return [_result(op, code) for op, code in zip(ops, codes, strict=True)]
+
+    async def _apply_address(self, op: BindAddress | UnbindAddress) -> OperationResult:
+        assert self._ipr is not None
+        prefix = 32 if op.address.version == 4 else 128
+        command = "add" if isinstance(op, BindAddress) else "del"
+        try:
+            await self._ipr.addr(command, index=self._device_index, address=str(op.address), prefixlen=prefix)
+        except NetlinkError as exc:
+            return _result(op, exc.code)
+        if isinstance(op, BindAddress):
+            self._bound.add(op.address)
+        else:
+            self._bound.discard(op.address)
+        return OperationResult(op)
+
+    async def _ensure_device(self) -> int:
+        assert self._ipr is not None
+        indexes = await self._ipr.link_lookup(ifname=self.settings.device)
+        if not indexes:
+            log.info("creating dummy device", extra={"device": self.settings.device})
+            await self._ipr.link("add", ifname=self.settings.device, kind="dummy")
+            indexes = await self._ipr.link_lookup(ifname=self.settings.device)
+        # Down is enough for the kernel to accept packets for its addresses and keeps it from answering ARP
+        # the way an up device would; kube-proxy leaves kube-ipvs0 down too.
+        return int(indexes[0])
+
+    async def _device_addresses(self) -> set[IPAddress]:
+        assert self._ipr is not None
+        found: set[IPAddress] = set()
+        async for message in await self._ipr.addr("dump", index=self._device_index):
+            found.add(ip_address(message.get_attr("IFA_ADDRESS")))
+        return found
+
+    async def _dump_services(self) -> list[tuple[VirtualServerKey, VirtualServerSpec]]:
+        assert self._ipvs is not None
+        services = []
+        for message in await self._ipvs.service("dump"):
+            attrs = message.get_attr("IPVS_CMD_ATTR_SERVICE")
+            protocol = _PROTOCOLS_BY_NUMBER.get(attrs.get_attr("IPVS_SVC_ATTR_PROTOCOL"))
+            if protocol is None or attrs.get_attr("IPVS_SVC_ATTR_FWMARK"):
+                continue  # firewall-mark and other-protocol services are never aproxy's
+            key = VirtualServerKey(
+                protocol,
+                ip_address(attrs.get_attr("IPVS_SVC_ATTR_ADDR")),
+                attrs.get_attr("IPVS_SVC_ATTR_PORT"),
+            )
+            services.append((key, _spec_from_attrs(attrs)))
+        return services
+
+    async def _dump_dests(
+        self, key: VirtualServerKey
+    ) -> list[tuple[RealServerKey, int, RealServerConnections]]:
+        assert self._ipvs is not None
+        service = IPVSService(
+            addr=str(key.address), port=key.port, protocol=ipvs_wire.PROTOCOL_NUMBERS[key.protocol]
+        )
+        dests = []
+        for message in await self._ipvs.dest("dump", service=service):
+            attrs = message.get_attr("IPVS_CMD_ATTR_DEST")
+            real = RealServerKey(
+                ip_address(attrs.get_attr("IPVS_DEST_ATTR_ADDR")), attrs.get_attr("IPVS_DEST_ATTR_PORT")
+            )
+            conns = RealServerConnections(
+                attrs.get_attr("IPVS_DEST_ATTR_ACTIVE_CONNS"), attrs.get_attr("IPVS_DEST_ATTR_INACT_CONNS")
+            )
+            dests.append((real, int(attrs.get_attr("IPVS_DEST_ATTR_WEIGHT")), conns))
+        return dests
+
+
+def _spec_from_attrs(attrs: Any) -> VirtualServerSpec:
+    flags = attrs.get_attr("IPVS_SVC_ATTR_FLAGS")["flags"]
+    timeout = attrs.get_attr("IPVS_SVC_ATTR_TIMEOUT") if flags & ipvs_wire.SVC_F_PERSISTENT else 0
+    names = frozenset(name for name, bit in ipvs_wire.SCHED_FLAGS.items() if flags & bit)
+    return VirtualServerSpec(
+        scheduler=attrs.get_attr("IPVS_SVC_ATTR_SCHED_NAME"), persistence_timeout=timeout, flags=names
+    )
+
+
+def _result(op: Operation, code: int) -> OperationResult:
+    if not code:
+        return OperationResult(op)
+    return OperationResult(op, error=os.strerror(code), errno=code)

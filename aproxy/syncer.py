@@ -1,0 +1,269 @@
+"""The one owner of kernel changes: dirty services -> desired state -> plan -> backend -> applied state.
+
+Both the daemon's sync loop and ``aproxy sync`` drive this class: a one-shot sync is the daemon's code path.
+
+- ``start()``: take the kernel's owned state as applied (a restart changes nothing that is already right),
+  plan the whole cluster once, apply.
+- ``sync()``: translate only the services the tracker marked dirty (plus those whose last sync failed), plan,
+  apply, record what the kernel accepted. The cost grows with the change, not with the cluster.
+- ``audit()``: compare the kernel with the applied state and repair drift (someone ran ``ipvsadm -C``).
+- ``drain()``: delete the drained TCP real servers whose connections are gone or whose grace period is over.
+
+A failed operation leaves the applied state as it was; its service is retried on the next sync. An answer
+that says the applied state was wrong (EEXIST, ENOENT, ...) first re-reads the kernel for that object.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from errno import EBUSY
+
+from aproxy.backends.base import Backend, OperationResult
+from aproxy.core.changes import ChangeTracker
+from aproxy.core.drain import DrainClock
+from aproxy.core.model import (
+    AddRealServer,
+    AddVirtualServer,
+    BindAddress,
+    DeleteRealServer,
+    DeleteVirtualServer,
+    IPAddress,
+    Operation,
+    RealServerKey,
+    ServiceKey,
+    ServiceState,
+    UnbindAddress,
+    UpdateRealServer,
+    UpdateVirtualServer,
+    VirtualServerKey,
+    operation_to_dict,
+)
+from aproxy.core.objects import Severity, Skip
+from aproxy.core.plan import Plan, Planner
+from aproxy.core.translate import TranslationContext
+
+log = logging.getLogger(__name__)
+
+
+class NotStarted(RuntimeError):
+    """``sync``/``audit``/``drain`` before ``start``: there is no applied state to plan against yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncReport:
+    """What one pass did: every operation's result, and the services that will be retried."""
+
+    kind: str  # "start", "sync", "audit" or "drain"
+    results: tuple[OperationResult, ...] = ()
+    services: int = 0
+    failed_services: frozenset[ServiceKey] = frozenset()
+
+    @property
+    def ok(self) -> bool:
+        return all(result.ok for result in self.results)
+
+    @property
+    def failures(self) -> list[OperationResult]:
+        return [result for result in self.results if not result.ok]
+
+
+@dataclass(slots=True)
+class SyncCounters:
+    """Running totals for metrics: operations by (name, "ok"|"error"), passes by kind, audit repairs."""
+
+    operations: Counter[tuple[str, str]] = field(default_factory=Counter)
+    passes: Counter[str] = field(default_factory=Counter)
+    audit_repairs: int = 0
+    conflicts: int = 0
+
+
+def log_skips(skips: Iterable[Skip]) -> None:
+    """Each skip is logged once (the tracker hands out each only once) with the object and the reason."""
+    for skip in skips:
+        log.warning(
+            "skipped object" if skip.severity is Severity.ERROR else "ignored part of object",
+            extra={"kind": skip.kind, "object": f"{skip.namespace}/{skip.name}", "reason": skip.reason},
+        )
+
+
+class Syncer:
+    def __init__(
+        self,
+        tracker: ChangeTracker,
+        ctx: TranslationContext,
+        backend: Backend,
+        drain_clock: DrainClock | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._tracker = tracker
+        self._ctx = ctx
+        self._backend = backend
+        self._drain_clock = drain_clock or DrainClock()
+        self._clock = clock
+        self._planner: Planner | None = None
+        self._retry: set[ServiceKey] = set()
+        self.counters = SyncCounters()
+
+    @property
+    def started(self) -> bool:
+        return self._planner is not None
+
+    @property
+    def pending_retries(self) -> frozenset[ServiceKey]:
+        return frozenset(self._retry)
+
+    @property
+    def planner(self) -> Planner:
+        if self._planner is None:
+            raise NotStarted("start() has not run")
+        return self._planner
+
+    async def start(self) -> SyncReport:
+        """Adopt the kernel's owned state, then program the whole cluster (zero operations if unchanged)."""
+        self._planner = Planner(applied=await self._backend.dump())
+        self._tracker.take_dirty()
+        self._retry.clear()
+        desired = desired_all(self._tracker, self._ctx)
+        return await self._execute("start", self._planner.plan_full(desired), len(desired))
+
+    async def sync(self) -> SyncReport:
+        """Plan and apply the services changed since the last pass, and retry those that failed."""
+        planner = self.planner
+        keys = self._tracker.take_dirty() | self._retry
+        self._retry = set()
+        desired = {key: self._desired(key) for key in sorted_keys(keys)}
+        return await self._execute("sync", planner.plan(desired), len(desired))
+
+    async def audit(self) -> SyncReport:
+        """Repair what differs between the kernel and the applied state; the only full comparison."""
+        plan = self.planner.repair(await self._backend.dump())
+        self.counters.audit_repairs += len(plan)
+        if len(plan):
+            log.warning("audit found drift", extra={"repairs": len(plan)})
+        return await self._execute("audit", plan, 0)
+
+    async def drain(self) -> SyncReport:
+        """Delete drained TCP real servers with no connections left, or past their grace period."""
+        planner = self.planner
+        now = self._clock()
+        by_virtual: dict[VirtualServerKey, list[RealServerKey]] = defaultdict(list)
+        for virtual, real in planner.draining():
+            by_virtual[virtual].append(real)
+        self._drain_clock.observe(((v, r) for v, reals in by_virtual.items() for r in reals), now)
+        operations: list[Operation] = []
+        for virtual, reals in by_virtual.items():
+            counts = await self._backend.connections(virtual)
+            for real in reals:
+                conns = counts.get(real)
+                if conns is None or self._drain_clock.done(
+                    (virtual, real), conns.active, conns.inactive, now
+                ):
+                    operations.extend(planner.finish_drain(virtual, real))
+        results = await self._backend.apply(operations) if operations else []
+        self._record(results)
+        self.counters.passes["drain"] += 1
+        return SyncReport("drain", tuple(results))
+
+    # --- internals -----------------------------------------------------------------------------------------
+
+    def _desired(self, key: ServiceKey) -> ServiceState | None:
+        state, _skips_already_reported_at_intake = self._tracker.desired(key, self._ctx)
+        return state
+
+    async def _execute(self, kind: str, plan: Plan, services: int) -> SyncReport:
+        log_skips(self._tracker.new_skips())
+        self._log_conflicts(plan)
+        results = await self._apply_with_unbinds_last(plan.operations)
+        failures = [result for result in results if not result.ok]
+        if any(result.state_mismatch for result in failures):
+            await self._reconcile(failures)
+        failed_services = frozenset(plan.services_of(result.operation for result in failures))
+        self._retry |= failed_services
+        for result in failures:
+            log.error(
+                "kernel refused operation",
+                extra={**operation_to_dict(result.operation), "error": result.error},
+            )
+        self.counters.passes[kind] += 1
+        return SyncReport(kind, tuple(results), services, failed_services)
+
+    async def _apply_with_unbinds_last(self, operations: Sequence[Operation]) -> list[OperationResult]:
+        """Unbind an address only after every virtual server on it is really gone.
+
+        Were an unbind to succeed after a failed delete of a virtual server on that address, the leftover
+        virtual server would sit on an unbound address: after a restart it would look foreign and never be
+        removed. Such an unbind is held (EBUSY) and its service retried.
+        """
+        unbinds = [op for op in operations if isinstance(op, UnbindAddress)]
+        results = await self._backend.apply([op for op in operations if not isinstance(op, UnbindAddress)])
+        self._record(results)
+        if not unbinds:
+            return results
+        blocked = {
+            result.operation.key.address
+            for result in results
+            if not result.ok and isinstance(result.operation, DeleteVirtualServer)
+        }
+        held = [
+            OperationResult(op, "held: a virtual server on this address could not be deleted", EBUSY)
+            for op in unbinds
+            if op.address in blocked
+        ]
+        applied = await self._backend.apply([op for op in unbinds if op.address not in blocked])
+        self._record(applied)
+        return [*results, *applied, *held]
+
+    def _record(self, results: Sequence[OperationResult]) -> None:
+        planner = self.planner
+        for result in results:
+            self.counters.operations[(result.operation.name, "ok" if result.ok else "error")] += 1
+            if result.ok:
+                planner.record(result.operation)
+
+    async def _reconcile(self, failures: Sequence[OperationResult]) -> None:
+        keys: set[VirtualServerKey] = set()
+        addresses: set[IPAddress] = set()
+        for result in failures:
+            if not result.state_mismatch:
+                continue
+            match result.operation:
+                case BindAddress(address=address) | UnbindAddress(address=address):
+                    addresses.add(address)
+                case AddVirtualServer(key=key) | UpdateVirtualServer(key=key) | DeleteVirtualServer(key=key):
+                    keys.add(key)
+                case (
+                    AddRealServer(virtual=key) | UpdateRealServer(virtual=key) | DeleteRealServer(virtual=key)
+                ):
+                    keys.add(key)
+        self.planner.reconcile(await self._backend.dump(), keys, addresses)
+
+    def _log_conflicts(self, plan: Plan) -> None:
+        for conflict in plan.conflicts:
+            self.counters.conflicts += 1
+            log.warning(
+                "virtual server wanted by two services",
+                extra={
+                    "virtual_server": str(conflict.key),
+                    "owner": str(conflict.owner),
+                    "skipped": str(conflict.service),
+                },
+            )
+
+
+def sorted_keys(keys: Iterable[ServiceKey]) -> list[ServiceKey]:
+    # A deterministic order: which of two services claiming one key wins must not depend on set order.
+    return sorted(keys, key=lambda key: (key.namespace, key.name))
+
+
+def desired_all(tracker: ChangeTracker, ctx: TranslationContext) -> dict[ServiceKey, ServiceState]:
+    """Every service's desired state, in a deterministic order; the skips are the tracker's to report."""
+    states = {}
+    for key in sorted_keys(tracker.services()):
+        state, _ = tracker.desired(key, ctx)
+        if state is not None:
+            states[key] = state
+    return states
