@@ -7,20 +7,26 @@ import ipaddress
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
 
 import orjson
+import uvloop
 
 from aproxy import logs, render
+from aproxy.backends.base import Backend
+from aproxy.backends.ipvs import IPVSBackend, IPVSSettings, IPVSUnavailable
+from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
-from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, ServiceState
-from aproxy.core.objects import Skip
+from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, operation_to_dict
 from aproxy.core.translate import TranslationContext
 from aproxy.sources.manifest import ManifestError, load_manifests
+from aproxy.syncer import Syncer, SyncReport, desired_all, log_skips
 
 log = logging.getLogger("aproxy")
 
 EXIT_OK = 0
+EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
@@ -85,47 +91,85 @@ def build_parser() -> argparse.ArgumentParser:
     _add_node_options(plan)
     plan.add_argument("--output", choices=["json", "text"], default="json", help="json (default) or text")
     plan.set_defaults(handler=_plan)
+
+    sync = commands.add_parser(
+        "sync",
+        help="program the kernel once from the manifests, print each operation, exit",
+        description=(
+            "One sync of the manifests to IPVS through the daemon's code path: read the kernel's owned "
+            "state, apply only the differences, finish drains that are over. Run twice with the same input, "
+            "the second run performs zero operations. Exit 0 when every operation succeeded, 1 otherwise, "
+            "2 when a file cannot be read or parsed."
+        ),
+    )
+    _add_node_options(sync)
+    _add_kernel_options(sync)
+    sync.add_argument(
+        "--backend",
+        choices=["ipvs", "dry-run"],
+        default="ipvs",
+        help="ipvs (default) programs the kernel; dry-run applies to an empty in-memory table",
+    )
+    sync.add_argument(
+        "--output", choices=["json", "text"], default="text", help="text (default) or json lines"
+    )
+    sync.set_defaults(handler=_sync)
+
+    cleanup = commands.add_parser(
+        "cleanup",
+        help="remove every virtual server, address and device aproxy owns, and nothing else",
+    )
+    _add_kernel_options(cleanup)
+    cleanup.set_defaults(handler=_cleanup)
     return parser
 
 
-def desired_states(args: argparse.Namespace) -> tuple[list[ServiceState], list[Skip]]:
-    """Read the manifests and translate every service: what ``plan`` prints and ``sync`` programs."""
-    manifests = load_manifests(args.source)
+def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
+    defaults = IPVSSettings()
+    parser.add_argument(
+        "--device",
+        default=defaults.device,
+        help=f"dummy device for service addresses (default: {defaults.device})",
+    )
+    parser.add_argument(
+        "--state-file",
+        type=Path,
+        default=defaults.state_file,
+        help=f"record of owned virtual servers on unbound addresses (default: {defaults.state_file})",
+    )
+
+
+def _settings(args: argparse.Namespace) -> IPVSSettings:
+    return IPVSSettings(device=args.device, state_file=args.state_file)
+
+
+def tracker_from_manifests(paths: Sequence[Path]) -> ChangeTracker:
+    """A tracker holding the manifests' Services and EndpointSlices, both listed (raises ManifestError)."""
+    manifests = load_manifests(paths)
     tracker = ChangeTracker()
     for service in manifests.services:
         tracker.upsert_service(service)
     for endpoint_slice in manifests.slices:
         tracker.upsert_slice(endpoint_slice)
-    ctx = TranslationContext(
+    tracker.mark_listed("services")
+    tracker.mark_listed("endpointslices")
+    return tracker
+
+
+def _context(args: argparse.Namespace) -> TranslationContext:
+    return TranslationContext(
         node_name=args.node_name,
         node_addresses=frozenset(args.node_ip),
         node_zone=args.node_zone,
         default_scheduler=args.ipvs_scheduler,
     )
-    states = []
-    for key in sorted(tracker.services(), key=lambda k: (k.namespace, k.name)):
-        state, _already_reported = tracker.desired(key, ctx)
-        if state is not None:
-            states.append(state)
-    return states, tracker.new_skips()
-
-
-def report_skips(skips: Sequence[Skip]) -> None:
-    for skip in skips:
-        log.warning(
-            "skipped" if skip.severity.value == "error" else "ignored part",
-            extra={
-                "kind": skip.kind,
-                "object": f"{skip.namespace}/{skip.name}",
-                "reason": skip.reason,
-            },
-        )
 
 
 def _plan(args: argparse.Namespace) -> int:
-    states, skips = desired_states(args)
-    report_skips(skips)
-    view = render.node_view(states)
+    tracker = tracker_from_manifests(args.source)
+    states = desired_all(tracker, _context(args))
+    log_skips(tracker.new_skips())
+    view = render.node_view(states.values())
     for conflict in view.conflicts:
         log.warning(
             "virtual server claimed twice",
@@ -142,6 +186,51 @@ def _plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sync(args: argparse.Namespace) -> int:
+    tracker = tracker_from_manifests(args.source)
+    ctx = _context(args)
+
+    async def run() -> list[SyncReport]:
+        backend: AbstractAsyncContextManager[Backend] = (
+            IPVSBackend(_settings(args)) if args.backend == "ipvs" else nullcontext(MemoryBackend())
+        )
+        async with backend as opened:
+            syncer = Syncer(tracker, ctx, opened)
+            return [await syncer.start(), await syncer.drain()]
+
+    reports = uvloop.run(run())
+    results = [result for report in reports for result in report.results]
+    failed = sum(not result.ok for result in results)
+    services = reports[0].services
+    if args.output == "json":
+        for result in results:
+            record: dict[str, object] = {**operation_to_dict(result.operation), "ok": result.ok}
+            if not result.ok:
+                record["error"] = result.error
+            sys.stdout.buffer.write(orjson.dumps(record) + b"\n")
+        summary = {"services": services, "operations": len(results), "failed": failed}
+        sys.stdout.buffer.write(orjson.dumps({"summary": summary}) + b"\n")
+    else:
+        for result in results:
+            fields = " ".join(
+                f"{key}={value}" for key, value in operation_to_dict(result.operation).items() if key != "op"
+            )
+            status = "" if result.ok else f"  FAILED: {result.error}"
+            sys.stdout.write(f"{result.operation.name} {fields}{status}\n")
+        sys.stdout.write(f"synced {services} services: {len(results)} operations, {failed} failed\n")
+    return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    async def run() -> int:
+        async with IPVSBackend(_settings(args)) as backend:
+            return await backend.cleanup()
+
+    removed = uvloop.run(run())
+    sys.stdout.write(f"removed {removed} virtual servers and the device {args.device}\n")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
@@ -150,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"aproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except IPVSUnavailable as exc:
+        print(f"aproxy: {exc}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

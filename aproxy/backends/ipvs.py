@@ -17,11 +17,12 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import AsyncIterable, Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2 import AsyncIPRoute, AsyncIPVS, IPVSService
 from pyroute2.netlink.exceptions import NetlinkError
@@ -45,6 +46,7 @@ from aproxy.core.model import (
 from aproxy.core.state import IPVSState
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 SOL_NETLINK = 270
 NETLINK_GENERIC = 16  # not in typeshed's socket module
@@ -53,6 +55,50 @@ NETLINK_EXT_ACK = 11
 # Enough for every message of a batch to fail without the kernel dropping an error (ENOBUFS).
 SOCKET_BUFFER = 16 * 1024 * 1024
 _PROTOCOLS_BY_NUMBER = {number: protocol for protocol, number in ipvs_wire.PROTOCOL_NUMBERS.items()}
+
+
+class NetlinkThread:
+    """A private standard-library event loop in its own thread, for pyroute2's asyncio sockets.
+
+    pyroute2 opens netlink sockets with ``loop.create_datagram_endpoint``, which uvloop refuses for AF_NETLINK
+    ("cannot open a UDP handle, invalid family 16"). So pyroute2's objects are created and awaited on this
+    loop, and the daemon's uvloop awaits the results. The batch socket needs no such detour: it uses
+    ``sock_sendall``/``sock_recv``, which every loop supports.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.SelectorEventLoop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="aproxy-netlink", daemon=True)
+        self._thread.start()
+
+    async def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
+
+    async def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        await asyncio.to_thread(self._thread.join)
+        self._loop.close()
+
+
+async def _collect(dump: Awaitable[AsyncIterable[Any]]) -> list[Any]:
+    """Drain one of AsyncIPRoute's dump generators on the netlink loop (generators cannot cross loops)."""
+    return [message async for message in await dump]
+
+
+async def _open_pyroute2() -> tuple[AsyncIPVS, AsyncIPRoute]:
+    ipvs = AsyncIPVS()
+    try:
+        await ipvs.setup_endpoint()
+    except (NetlinkError, OSError) as exc:
+        ipvs.close()
+        raise IPVSUnavailable(f"IPVS generic netlink family not available: {exc}") from exc
+    return ipvs, AsyncIPRoute()
+
+
+async def _close_pyroute2(*sockets: AsyncIPVS | AsyncIPRoute | None) -> None:
+    for sock in sockets:
+        if sock is not None:
+            sock.close()
 
 
 class IPVSUnavailable(RuntimeError):
@@ -193,6 +239,7 @@ class IPVSBackend:
     """The Backend Protocol on the kernel. Use as ``async with IPVSBackend(settings) as backend``."""
 
     settings: IPVSSettings = field(default_factory=IPVSSettings)
+    _netlink: NetlinkThread | None = None
     _ipvs: AsyncIPVS | None = None
     _ipr: AsyncIPRoute | None = None
     _batch: BatchSocket | None = None
@@ -205,17 +252,16 @@ class IPVSBackend:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        await self.close()
 
     async def open(self) -> None:
-        ipvs = AsyncIPVS()
+        self._netlink = NetlinkThread()
         try:
-            await ipvs.setup_endpoint()
-        except (NetlinkError, OSError) as exc:
-            ipvs.close()
-            raise IPVSUnavailable(f"IPVS generic netlink family not available: {exc}") from exc
+            ipvs, self._ipr = await self._netlink.run(_open_pyroute2())
+        except IPVSUnavailable:
+            await self.close()
+            raise
         self._ipvs = ipvs
-        self._ipr = AsyncIPRoute()
         self._batch = BatchSocket(ipvs.prid, self.settings)
         self._record = OwnershipRecord(self.settings.state_file)
         self._record.load()
@@ -227,11 +273,13 @@ class IPVSBackend:
         """IPVS requests sent so far (one per IPVS operation; address changes are not counted)."""
         return self._batch.messages_sent if self._batch is not None else 0
 
-    def close(self) -> None:
-        for closable in (self._batch, self._ipvs, self._ipr):
-            if closable is not None:
-                closable.close()
-        self._batch = self._ipvs = self._ipr = None
+    async def close(self) -> None:
+        if self._batch is not None:
+            self._batch.close()
+        if self._netlink is not None:
+            await self._netlink.run(_close_pyroute2(self._ipvs, self._ipr))
+            await self._netlink.stop()
+        self._batch = self._ipvs = self._ipr = self._netlink = None
 
     # --- the Backend Protocol ----------------------------------------------------------------------------
 
@@ -271,7 +319,7 @@ class IPVSBackend:
         owned = [key for key, _spec in await self._dump_services() if self._owns(key)]
         results = await self._apply_ipvs([DeleteVirtualServer(key) for key in owned])
         assert self._ipr is not None and self._device_index is not None
-        await self._ipr.link("del", index=self._device_index)
+        await self._nl(self._ipr.link("del", index=self._device_index))
         self._device_index = None
         self._bound.clear()
         assert self._record is not None
@@ -279,6 +327,10 @@ class IPVSBackend:
         return sum(result.ok for result in results)
 
     # --- internals ---------------------------------------------------------------------------------------
+
+    async def _nl(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        assert self._netlink is not None, "IPVSBackend used before open()"
+        return await self._netlink.run(coroutine)
 
     def _owns(self, key: VirtualServerKey) -> bool:
         assert self._record is not None
@@ -307,7 +359,9 @@ class IPVSBackend:
         prefix = 32 if op.address.version == 4 else 128
         command = "add" if isinstance(op, BindAddress) else "del"
         try:
-            await self._ipr.addr(command, index=self._device_index, address=str(op.address), prefixlen=prefix)
+            await self._nl(
+                self._ipr.addr(command, index=self._device_index, address=str(op.address), prefixlen=prefix)
+            )
         except NetlinkError as exc:
             return _result(op, exc.code)
         if isinstance(op, BindAddress):
@@ -318,11 +372,11 @@ class IPVSBackend:
 
     async def _ensure_device(self) -> int:
         assert self._ipr is not None
-        indexes = await self._ipr.link_lookup(ifname=self.settings.device)
+        indexes = await self._nl(self._ipr.link_lookup(ifname=self.settings.device))
         if not indexes:
             log.info("creating dummy device", extra={"device": self.settings.device})
-            await self._ipr.link("add", ifname=self.settings.device, kind="dummy")
-            indexes = await self._ipr.link_lookup(ifname=self.settings.device)
+            await self._nl(self._ipr.link("add", ifname=self.settings.device, kind="dummy"))
+            indexes = await self._nl(self._ipr.link_lookup(ifname=self.settings.device))
         # Down is enough for the kernel to accept packets for its addresses and keeps it from answering ARP
         # the way an up device would; kube-proxy leaves kube-ipvs0 down too.
         return int(indexes[0])
@@ -330,14 +384,14 @@ class IPVSBackend:
     async def _device_addresses(self) -> set[IPAddress]:
         assert self._ipr is not None
         found: set[IPAddress] = set()
-        async for message in await self._ipr.addr("dump", index=self._device_index):
+        for message in await self._nl(_collect(self._ipr.addr("dump", index=self._device_index))):
             found.add(ip_address(message.get_attr("IFA_ADDRESS")))
         return found
 
     async def _dump_services(self) -> list[tuple[VirtualServerKey, VirtualServerSpec]]:
         assert self._ipvs is not None
         services = []
-        for message in await self._ipvs.service("dump"):
+        for message in await self._nl(self._ipvs.service("dump")):
             attrs = message.get_attr("IPVS_CMD_ATTR_SERVICE")
             protocol = _PROTOCOLS_BY_NUMBER.get(attrs.get_attr("IPVS_SVC_ATTR_PROTOCOL"))
             if protocol is None or attrs.get_attr("IPVS_SVC_ATTR_FWMARK"):
@@ -358,7 +412,7 @@ class IPVSBackend:
             addr=str(key.address), port=key.port, protocol=ipvs_wire.PROTOCOL_NUMBERS[key.protocol]
         )
         dests = []
-        for message in await self._ipvs.dest("dump", service=service):
+        for message in await self._nl(self._ipvs.dest("dump", service=service)):
             attrs = message.get_attr("IPVS_CMD_ATTR_DEST")
             real = RealServerKey(
                 ip_address(attrs.get_attr("IPVS_DEST_ATTR_ADDR")), attrs.get_attr("IPVS_DEST_ATTR_PORT")
