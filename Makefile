@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the kernel test tier and the IPVS backend need (installed only when root and missing).
-APT_PACKAGES := user-mode-linux kmod ipvsadm iproute2 iptables conntrack procps python3-venv
+APT_PACKAGES := user-mode-linux kmod ipvsadm iproute2 iptables conntrack ipset procps python3-venv
 
 .PHONY: install run test lint types contracts pytest kernel-test bench lock clean
 
