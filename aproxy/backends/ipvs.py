@@ -7,6 +7,9 @@
 - Ownership: aproxy changes only virtual servers whose address is bound on its dummy device, or that it
   created on another address (NodePorts on node addresses, external IPs that are node addresses) and recorded
   in its state file. Everything else in the kernel (keepalived's, an operator's) is invisible to it.
+- Around IPVS: the sysctls it needs (sysctl.py, at open), source NAT for node, hairpin and optionally other
+  traffic (masquerade.py: chains at open, hairpin set after every batch, both repaired at every dump), and
+  stale UDP conntrack entries deleted after every batch that removed UDP real servers (conntrack.py).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from aproxy.backends import ipvs_wire
 from aproxy.backends.base import OperationResult, RealServerConnections
+from aproxy.backends.conntrack import ConntrackCleaner
+from aproxy.backends.masquerade import Masquerade, MasqueradeError, MasqueradeSettings
+from aproxy.backends.sysctl import SysctlError, apply_sysctls, wanted_sysctls
 from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
@@ -113,6 +119,12 @@ class IPVSSettings:
     batch_messages: int = 512
     batch_bytes: int = 128 * 1024
     ack_timeout: float = 10.0
+    manage_sysctls: bool = True
+    strict_arp: bool = False
+    # Source NAT (iptables + ipset): node-to-VIP and hairpin traffic always, once ``masquerade`` is on.
+    masquerade: bool = True
+    masquerade_all: bool = False
+    cluster_cidrs: tuple[str, ...] = ()
 
 
 class BatchSocket:
@@ -246,6 +258,8 @@ class IPVSBackend:
     _device_index: int | None = None
     _bound: set[IPAddress] = field(default_factory=set)
     _record: OwnershipRecord | None = None
+    _masquerade: Masquerade | None = None
+    _conntrack: ConntrackCleaner | None = None
 
     async def __aenter__(self) -> IPVSBackend:
         await self.open()
@@ -267,6 +281,26 @@ class IPVSBackend:
         self._record.load()
         self._device_index = await self._ensure_device()
         self._bound = await self._device_addresses()
+        try:
+            await self._prepare_node()
+        except (SysctlError, MasqueradeError, ValueError):  # ValueError: a bad cluster CIDR
+            await self.close()
+            raise
+
+    async def _prepare_node(self) -> None:
+        """What IPVS needs around it: sysctls, source NAT chains and sets, the conntrack cleaner."""
+        if self.settings.manage_sysctls:
+            await apply_sysctls(wanted_sysctls(os.uname().release, strict_arp=self.settings.strict_arp))
+        if self.settings.masquerade:
+            self._masquerade = Masquerade(
+                MasqueradeSettings(self.settings.masquerade_all, self.settings.cluster_cidrs)
+            )
+            await self._masquerade.ensure()
+        self._conntrack = ConntrackCleaner()
+
+    @property
+    def masquerade(self) -> Masquerade | None:
+        return self._masquerade
 
     @property
     def netlink_messages_sent(self) -> int:
@@ -307,6 +341,13 @@ class IPVSBackend:
                 state.apply(AddVirtualServer(key, spec))
                 for real, weight, _conns in await self._dump_dests(key):
                     state.apply(AddRealServer(key, RealServer(real.address, real.port, weight)))
+        if self._masquerade is not None:
+            # A dump is the start-up adoption and the audit: the time to repair the chains and the set.
+            try:
+                await self._masquerade.ensure()
+                await self._masquerade.resync(state)
+            except MasqueradeError as exc:
+                log.error("source NAT repair failed", extra={"error": str(exc)})  # IPVS state still good
         return state
 
     # --- beyond the Protocol: what the drain and cleanup need -----------------------------------------------
@@ -324,6 +365,9 @@ class IPVSBackend:
         self._bound.clear()
         assert self._record is not None
         self._record.update(remove=self._record.keys())
+        # Also when masquerading is off now: a run before may have left the chains and sets.
+        masquerade = self._masquerade or Masquerade()
+        await masquerade.cleanup()
         return sum(result.ok for result in results)
 
     # --- internals ---------------------------------------------------------------------------------------
@@ -352,7 +396,20 @@ class IPVSBackend:
             if not code and isinstance(op, DeleteVirtualServer)
         ]
         self._record.update(remove=[*refused_adds, *deleted])
-        return [_result(op, code) for op, code in zip(ops, codes, strict=True)]
+        results = [_result(op, code) for op, code in zip(ops, codes, strict=True)]
+        await self._after_batch(results)
+        return results
+
+    async def _after_batch(self, results: Sequence[OperationResult]) -> None:
+        """Follow the kernel's changes outside IPVS: the hairpin set, then stale UDP conntrack entries."""
+        if self._masquerade is not None:
+            try:
+                await self._masquerade.observe(results)
+            except MasqueradeError as exc:
+                # The IPVS changes stand; the next audit's resync repairs the set from the kernel.
+                log.error("hairpin set update failed", extra={"error": str(exc)})
+        if self._conntrack is not None:
+            await self._conntrack.observe(results)
 
     async def _apply_address(self, op: BindAddress | UnbindAddress) -> OperationResult:
         assert self._ipr is not None

@@ -1,0 +1,289 @@
+"""The source-NAT rules and hairpin set lines aproxy generates, and the refcounted hairpin membership.
+
+Pure: what would be fed to iptables-restore and ipset restore. The kernel tier proves the kernel takes it and
+that traffic then flows (tests/kernel/test_traffic.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from errno import EEXIST
+from ipaddress import ip_address
+
+import pytest
+
+from aproxy.backends.base import OperationResult
+from aproxy.backends.masquerade import (
+    FAMILIES,
+    Delta,
+    LoopBackEntry,
+    LoopBackMembers,
+    Masquerade,
+    MasqueradeSettings,
+    create_sets_text,
+    ipset_lines,
+    parse_saved_members,
+    removal_text,
+    restore_text,
+)
+from aproxy.core.model import (
+    AddRealServer,
+    AddVirtualServer,
+    DeleteRealServer,
+    DeleteVirtualServer,
+    L4Protocol,
+    Operation,
+    RealServer,
+    UpdateRealServer,
+    VirtualServerKey,
+    VirtualServerSpec,
+)
+from aproxy.core.state import IPVSState
+
+V4, V6 = FAMILIES
+NAT = "-m ipvs --vdir ORIGINAL --vmethod MASQ"
+WEB = VirtualServerKey(L4Protocol.TCP, ip_address("10.96.0.10"), 80)
+WEB_NODEPORT = VirtualServerKey(L4Protocol.TCP, ip_address("192.0.2.10"), 30080)
+DNS = VirtualServerKey(L4Protocol.UDP, ip_address("10.96.0.53"), 53)
+WEB6 = VirtualServerKey(L4Protocol.TCP, ip_address("fd00:10:96::10"), 80)
+POD_A = RealServer(ip_address("10.244.1.5"), 8080)
+POD_B = RealServer(ip_address("10.244.1.6"), 8080)
+POD_A6 = RealServer(ip_address("fd00:10:244::5"), 8080)
+
+
+def entry(real: RealServer, protocol: L4Protocol = L4Protocol.TCP) -> LoopBackEntry:
+    return LoopBackEntry(real.address, protocol, real.port)
+
+
+def ok(*operations: Operation) -> list[OperationResult]:
+    return [OperationResult(op) for op in operations]
+
+
+# --- iptables-restore text ----------------------------------------------------------------------------------
+
+
+def test_default_chain_masquerades_node_and_hairpin_traffic_only() -> None:
+    assert restore_text(V4, MasqueradeSettings()).splitlines() == [
+        "*nat",
+        ":APROXY-POSTROUTING - [0:0]",
+        f'-A APROXY-POSTROUTING {NAT} -m addrtype --src-type LOCAL -m comment --comment "from the node" '
+        "-j MASQUERADE",
+        f"-A APROXY-POSTROUTING {NAT} -m set --match-set APROXY-LOOP-BACK dst,dst,src "
+        "-m comment --comment hairpin -j MASQUERADE",
+        "COMMIT",
+    ]
+
+
+def test_ipv6_chain_uses_the_ipv6_set() -> None:
+    text = restore_text(V6, MasqueradeSettings())
+
+    assert "--match-set APROXY-LOOP-BACK6 dst,dst,src" in text
+    assert "--match-set APROXY-LOOP-BACK " not in text
+
+
+def test_restore_declares_only_aproxys_chain_in_nat() -> None:
+    """--noflush leaves every other chain alone; declaring a chain flushes it, so only ours is declared."""
+    for text in (restore_text(V4, MasqueradeSettings(cluster_cidrs=("10.244.0.0/16",))), removal_text()):
+        declared = [line for line in text.splitlines() if line.startswith((":", "*", "-F", "-X", "-A"))]
+        assert {line.split()[0] for line in declared if line.startswith(":")} == {":APROXY-POSTROUTING"}
+        assert [line for line in declared if line.startswith("*")] == ["*nat"]
+        assert not [line for line in declared if line.startswith("-F")]
+        assert all(line.split()[1] == "APROXY-POSTROUTING" for line in declared if line[:2] in {"-A", "-X"})
+
+
+def test_masquerade_all_is_one_rule_for_all_ipvs_nat_traffic() -> None:
+    lines = restore_text(V4, MasqueradeSettings(masquerade_all=True)).splitlines()
+
+    assert [line for line in lines if line.startswith("-A")] == [
+        f'-A APROXY-POSTROUTING {NAT} -m comment --comment "masquerade all" -j MASQUERADE'
+    ]
+
+
+def test_cluster_cidrs_return_their_family_then_masquerade_the_rest() -> None:
+    settings = MasqueradeSettings(cluster_cidrs=("10.244.0.0/16", "fd00:10:244::/56", "10.245.7.1/24"))
+
+    v4 = [line for line in restore_text(V4, settings).splitlines() if line.startswith("-A")]
+    v6 = [line for line in restore_text(V6, settings).splitlines() if line.startswith("-A")]
+
+    outside = (
+        f'-A APROXY-POSTROUTING {NAT} -m comment --comment "from outside the cluster CIDRs" -j MASQUERADE'
+    )
+    # Node and hairpin rules come first: a pod reaching itself is inside the cluster CIDR and still needs it.
+    assert v4[2:] == [
+        "-A APROXY-POSTROUTING -s 10.244.0.0/16 -j RETURN",
+        "-A APROXY-POSTROUTING -s 10.245.7.0/24 -j RETURN",
+        outside,
+    ]
+    assert v6[2:] == ["-A APROXY-POSTROUTING -s fd00:10:244::/56 -j RETURN", outside]
+
+
+def test_cluster_cidrs_of_one_family_leave_the_other_without_the_catch_all() -> None:
+    settings = MasqueradeSettings(cluster_cidrs=("10.244.0.0/16",))
+
+    v6 = [line for line in restore_text(V6, settings).splitlines() if line.startswith("-A")]
+
+    assert len(v6) == 2  # from the node, hairpin
+
+
+def test_removal_empties_then_deletes_the_chain() -> None:
+    assert removal_text().splitlines() == [
+        "*nat",
+        ":APROXY-POSTROUTING - [0:0]",
+        "-X APROXY-POSTROUTING",
+        "COMMIT",
+    ]
+
+
+def test_a_bad_cluster_cidr_fails_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"10\.244\.0\.0/99"):
+        Masquerade(MasqueradeSettings(cluster_cidrs=("10.244.0.0/99",)))
+
+
+# --- ipset lines --------------------------------------------------------------------------------------------
+
+
+def test_sets_are_created_per_family_idempotently() -> None:
+    assert create_sets_text().splitlines() == [
+        "create APROXY-LOOP-BACK hash:ip,port,ip family inet -exist",
+        "create APROXY-LOOP-BACK6 hash:ip,port,ip family inet6 -exist",
+    ]
+
+
+def test_set_lines_remove_first_and_name_the_family_set() -> None:
+    lines = ipset_lines(
+        added=[entry(POD_A), entry(POD_A6), entry(POD_B, L4Protocol.UDP)], removed=[entry(POD_B)]
+    )
+
+    assert lines.splitlines() == [
+        "del APROXY-LOOP-BACK 10.244.1.6,tcp:8080,10.244.1.6 -exist",
+        "add APROXY-LOOP-BACK 10.244.1.5,tcp:8080,10.244.1.5 -exist",
+        "add APROXY-LOOP-BACK6 fd00:10:244::5,tcp:8080,fd00:10:244::5 -exist",
+        "add APROXY-LOOP-BACK 10.244.1.6,udp:8080,10.244.1.6 -exist",
+    ]
+
+
+def test_saved_members_parse_back_and_foreign_lines_are_ignored() -> None:
+    saved = "\n".join(
+        [
+            "create APROXY-LOOP-BACK hash:ip,port,ip family inet hashsize 1024 maxelem 65536",
+            "add APROXY-LOOP-BACK 10.244.1.5,tcp:8080,10.244.1.5",
+            "add APROXY-LOOP-BACK 10.244.1.6,sctp:9000,10.244.1.6",
+            "add APROXY-LOOP-BACK6 fd00:10:244::5,tcp:8080,fd00:10:244::5",
+            "add KUBE-LOOP-BACK 10.244.1.7,tcp:80,10.244.1.7",
+            "add APROXY-LOOP-BACK 10.244.1.8,tcp:80,10.244.1.9",
+        ]
+    )
+
+    assert parse_saved_members(saved) == {
+        entry(POD_A),
+        LoopBackEntry(ip_address("10.244.1.6"), L4Protocol.SCTP, 9000),
+        entry(POD_A6),
+    }
+
+
+# --- membership ---------------------------------------------------------------------------------------------
+
+
+def test_an_added_real_server_adds_one_entry() -> None:
+    members = LoopBackMembers()
+
+    delta = members.observe(ok(AddVirtualServer(WEB, VirtualServerSpec()), AddRealServer(WEB, POD_A)))
+
+    assert delta == Delta(added=(entry(POD_A),))
+    assert members.entries() == {entry(POD_A)}
+
+
+def test_an_entry_stays_until_its_last_virtual_server_lets_it_go() -> None:
+    members = LoopBackMembers()
+    members.observe(ok(AddRealServer(WEB, POD_A), AddRealServer(WEB_NODEPORT, POD_A)))
+
+    first = members.observe(ok(DeleteRealServer(WEB, POD_A.key)))
+    last = members.observe(ok(DeleteVirtualServer(WEB_NODEPORT)))
+
+    assert first == Delta()
+    assert last == Delta(removed=(entry(POD_A),))
+    assert members.entries() == frozenset()
+
+
+def test_deleting_a_virtual_server_removes_its_real_servers_entries() -> None:
+    members = LoopBackMembers()
+    members.observe(ok(AddRealServer(WEB, POD_A), AddRealServer(WEB, POD_B), AddRealServer(DNS, POD_A)))
+
+    delta = members.observe(ok(DeleteVirtualServer(WEB)))
+
+    assert set(delta.removed) == {entry(POD_A), entry(POD_B)}
+    assert delta.added == ()
+    assert members.entries() == {entry(POD_A, L4Protocol.UDP)}
+
+
+def test_the_protocol_is_part_of_the_entry() -> None:
+    members = LoopBackMembers()
+
+    delta = members.observe(ok(AddRealServer(WEB, POD_A), AddRealServer(DNS, POD_A)))
+
+    assert set(delta.added) == {entry(POD_A), entry(POD_A, L4Protocol.UDP)}
+
+
+def test_refused_operations_and_weight_changes_change_nothing() -> None:
+    members = LoopBackMembers()
+    members.observe(ok(AddRealServer(WEB, POD_A)))
+
+    delta = members.observe(
+        [
+            OperationResult(AddRealServer(WEB, POD_B), "File exists", EEXIST),
+            OperationResult(UpdateRealServer(WEB, RealServer(POD_A.address, POD_A.port, 0))),
+        ]
+    )
+
+    assert delta == Delta()
+    assert members.entries() == {entry(POD_A)}
+
+
+def test_a_batch_reports_only_its_net_change() -> None:
+    members = LoopBackMembers()
+    members.observe(ok(AddRealServer(WEB, POD_A)))
+
+    delta = members.observe(
+        ok(DeleteRealServer(WEB, POD_A.key), AddRealServer(WEB_NODEPORT, POD_A), AddRealServer(WEB6, POD_A6))
+    )
+
+    assert delta == Delta(added=(entry(POD_A6),))
+
+
+def test_one_endpoint_change_writes_one_line_whatever_the_cluster_size() -> None:
+    members = LoopBackMembers()
+    many = [
+        AddRealServer(
+            VirtualServerKey(L4Protocol.TCP, ip_address(f"10.96.{n // 250}.{n % 250 + 1}"), 80), real
+        )
+        for n in range(1000)
+        for real in (POD_A, RealServer(ip_address(f"10.245.{n // 250}.{n % 250 + 1}"), 8080))
+    ]
+    members.observe(ok(*many))
+    newcomer = RealServer(ip_address("10.244.9.9"), 8080)
+
+    delta = members.observe(ok(AddRealServer(WEB, newcomer)))
+
+    assert ipset_lines(delta.added, delta.removed).splitlines() == [
+        "add APROXY-LOOP-BACK 10.244.9.9,tcp:8080,10.244.9.9 -exist"
+    ]
+
+
+def _state(entries: Sequence[tuple[VirtualServerKey, RealServer]]) -> IPVSState:
+    state = IPVSState()
+    for key in dict.fromkeys(key for key, _ in entries):
+        state.apply(AddVirtualServer(key, VirtualServerSpec()))
+    for key, real in entries:
+        state.apply(AddRealServer(key, real))
+    return state
+
+
+def test_replace_takes_a_dumps_membership_and_later_changes_follow_it() -> None:
+    members = LoopBackMembers()
+    members.observe(ok(AddRealServer(DNS, POD_B)))  # stale: the dump below does not have it
+
+    members.replace(_state([(WEB, POD_A), (WEB_NODEPORT, POD_A), (WEB6, POD_A6)]))
+    after_one_delete = members.observe(ok(DeleteVirtualServer(WEB)))
+
+    assert after_one_delete == Delta()
+    assert members.entries() == {entry(POD_A), entry(POD_A6)}
