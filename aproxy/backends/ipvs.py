@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import json
 import logging
@@ -39,6 +40,7 @@ from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
     BindAddress,
+    DeleteRealServer,
     DeleteVirtualServer,
     IPAddress,
     L4Protocol,
@@ -46,6 +48,8 @@ from aproxy.core.model import (
     RealServer,
     RealServerKey,
     UnbindAddress,
+    UpdateRealServer,
+    UpdateVirtualServer,
     VirtualServerKey,
     VirtualServerSpec,
 )
@@ -386,7 +390,7 @@ class IPVSBackend:
             op.key for op in ops if isinstance(op, AddVirtualServer) and op.key.address not in self._bound
         ]
         self._record.update(add=unbound_adds)
-        codes = await self._batch.send(ops)
+        codes = await self._send_adds_first(ops)
         refused_adds = [
             op.key for op, code in zip(ops, codes, strict=True) if code and isinstance(op, AddVirtualServer)
         ]
@@ -399,6 +403,35 @@ class IPVSBackend:
         results = [_result(op, code) for op, code in zip(ops, codes, strict=True)]
         await self._after_batch(results)
         return results
+
+    async def _send_adds_first(self, ops: Sequence[ipvs_wire.IPVSOperation]) -> list[int]:
+        """Send virtual server adds as a batch of their own, then everything else but what a refusal voids.
+
+        An add refused with EEXIST means another program's virtual server holds the key (keepalived's on a
+        node address, say). Real servers sent in the same batch would land in that foreign virtual server, so
+        operations on a refused key are not sent (ECANCELED). The planner emits adds before real server
+        operations and deletes anyway, so this keeps its order; it costs one extra round trip per apply.
+        """
+        assert self._batch is not None
+        add_indexes = [index for index, op in enumerate(ops) if isinstance(op, AddVirtualServer)]
+        if not add_indexes:
+            return await self._batch.send(ops)
+        codes = [0] * len(ops)
+        refused: set[VirtualServerKey] = set()
+        for index, code in zip(
+            add_indexes, await self._batch.send([ops[i] for i in add_indexes]), strict=True
+        ):
+            codes[index] = code
+            if code:
+                refused.add(_virtual_key(ops[index]))
+        rest = [i for i, op in enumerate(ops) if not isinstance(op, AddVirtualServer)]
+        to_send = [i for i in rest if _virtual_key(ops[i]) not in refused]
+        if to_send:
+            for index, code in zip(to_send, await self._batch.send([ops[i] for i in to_send]), strict=True):
+                codes[index] = code
+        for index in set(rest) - set(to_send):
+            codes[index] = errno.ECANCELED
+        return codes
 
     async def _after_batch(self, results: Sequence[OperationResult]) -> None:
         """Follow the kernel's changes outside IPVS: the hairpin set, then stale UDP conntrack entries."""
@@ -490,7 +523,17 @@ def _spec_from_attrs(attrs: Any) -> VirtualServerSpec:
     )
 
 
+def _virtual_key(op: ipvs_wire.IPVSOperation) -> VirtualServerKey:
+    match op:
+        case AddVirtualServer(key=key) | UpdateVirtualServer(key=key) | DeleteVirtualServer(key=key):
+            return key
+        case AddRealServer(virtual=key) | UpdateRealServer(virtual=key) | DeleteRealServer(virtual=key):
+            return key
+
+
 def _result(op: Operation, code: int) -> OperationResult:
     if not code:
         return OperationResult(op)
+    if code == errno.ECANCELED:
+        return OperationResult(op, error="not sent: its virtual server could not be added", errno=code)
     return OperationResult(op, error=os.strerror(code), errno=code)
