@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
+import re
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -13,7 +15,7 @@ from pathlib import Path
 import orjson
 import uvloop
 
-from aproxy import logs, render
+from aproxy import app, logs, render
 from aproxy.backends.base import Backend
 from aproxy.backends.ipvs import IPVSBackend, IPVSSettings, IPVSUnavailable
 from aproxy.backends.memory import MemoryBackend
@@ -22,6 +24,7 @@ from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, operatio
 from aproxy.core.translate import TranslationContext
 from aproxy.sources.manifest import ManifestError, load_manifests
 from aproxy.syncer import Syncer, SyncReport, desired_all, log_skips
+from aproxy.web.server import ListenAddress, ListenAddressError
 
 log = logging.getLogger("aproxy")
 
@@ -45,12 +48,13 @@ def _scheduler(text: str) -> str:
     return text
 
 
-def _add_node_options(parser: argparse.ArgumentParser) -> None:
+def _add_node_options(parser: argparse.ArgumentParser, *, source_required: bool = True) -> None:
     parser.add_argument(
         "--source",
         action="append",
         type=Path,
-        required=True,
+        required=source_required,
+        default=None if source_required else [],
         metavar="FILE",
         help="Kubernetes manifests (YAML or JSON: Service, EndpointSlice, List); a directory means its "
         "*.yaml, *.yml and *.json files; repeatable",
@@ -115,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.set_defaults(handler=_sync)
 
+    _add_run_command(commands)
+
     cleanup = commands.add_parser(
         "cleanup",
         help="remove every virtual server, address and device aproxy owns, and nothing else",
@@ -122,6 +128,82 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kernel_options(cleanup)
     cleanup.set_defaults(handler=_cleanup)
     return parser
+
+
+def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    defaults = app.Settings(node_name="-")
+    run = commands.add_parser(
+        "run",
+        help="the daemon: follow the cluster and keep IPVS in step, with health and metrics endpoints",
+        description=(
+            "Run until SIGTERM or SIGINT (exit 0; the kernel rules stay in place). Cluster state comes from "
+            "manifest files (--source, re-read when they change) or from the Kubernetes API (--kubeconfig "
+            "or --master; with neither, the pod's service account, KUBECONFIG or ~/.kube/config). Nothing is "
+            "applied before both Services and EndpointSlices are listed. Durations are seconds, or Go-style "
+            "(500ms, 30s, 15m, 1h). Exit 1 when the daemon cannot start or one of its tasks fails, 2 on bad "
+            "arguments."
+        ),
+    )
+    _add_node_options(run, source_required=False)
+    run.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig file (instead of --source)")
+    run.add_argument("--master", default=None, help="API server URL, overriding the kubeconfig's")
+    _add_kernel_options(run)
+    run.add_argument(
+        "--backend",
+        choices=["ipvs", "dry-run"],
+        default="ipvs",
+        help="ipvs (default) programs the kernel; dry-run applies to an in-memory table",
+    )
+    periods = (
+        ("--min-sync-period", defaults.min_sync_period, "shortest time between two syncs"),
+        ("--sync-period", defaults.sync_period, "longest time without a sync; /healthz fails after twice it"),
+        ("--audit-period", defaults.audit_period, "time between audits (kernel compared with applied state)"),
+        ("--drain-check-period", defaults.drain_check_period, "time between checks of draining servers"),
+        ("--drain-grace-period", defaults.drain_grace_period, "longest drain of a removed TCP real server"),
+    )
+    for flag, default, text in periods:
+        run.add_argument(
+            flag, type=_duration, default=default, metavar="DURATION", help=f"{text} ({default:g} s)"
+        )
+    for flag, address, what in (
+        ("--healthz-bind-address", defaults.healthz_address, "/healthz, /livez and /readyz"),
+        ("--metrics-bind-address", defaults.metrics_address, "/metrics"),
+    ):
+        run.add_argument(
+            flag,
+            type=_listen_address,
+            default=address,
+            metavar="HOST:PORT",
+            help=f"{what} (default: {address})",
+        )
+    run.set_defaults(handler=_run)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(text: str) -> float:
+    """Seconds: a plain number, or Go-style units as kube-proxy's flags take them ("1m30s", "500ms")."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        parts = _DURATION.findall(text)
+        if not parts or "".join(number + unit for number, unit in parts) != text:
+            raise argparse.ArgumentTypeError(
+                f"invalid duration: {text!r} (e.g. 30, 30s, 500ms, 15m)"
+            ) from None
+        seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"invalid duration: {text!r}")
+    return seconds
+
+
+def _listen_address(text: str) -> ListenAddress:
+    try:
+        return ListenAddress.parse(text)
+    except ListenAddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +301,32 @@ def _sync(args: argparse.Namespace) -> int:
             sys.stdout.write(f"{result.operation.name} {fields}{status}\n")
         sys.stdout.write(f"synced {services} services: {len(results)} operations, {failed} failed\n")
     return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        settings = app.Settings(
+            node_name=args.node_name,
+            sources=tuple(args.source),
+            kubeconfig=args.kubeconfig,
+            master=args.master,
+            node_ips=tuple(args.node_ip),
+            node_zone=args.node_zone,
+            default_scheduler=args.ipvs_scheduler,
+            min_sync_period=args.min_sync_period,
+            sync_period=args.sync_period,
+            audit_period=args.audit_period,
+            drain_check_period=args.drain_check_period,
+            drain_grace_period=args.drain_grace_period,
+            backend=args.backend,
+            ipvs=_settings(args),
+            healthz_address=args.healthz_bind_address,
+            metrics_address=args.metrics_bind_address,
+        )
+    except app.SettingsError as exc:
+        print(f"aproxy run: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return app.main(settings)
 
 
 def _cleanup(args: argparse.Namespace) -> int:

@@ -1,0 +1,72 @@
+"""The decision behind ``/healthz``, ``/livez`` and ``/readyz``: a pure function of the sync loop's clock.
+
+kube-proxy's rule, which operators' probes and alerts already encode: a node proxy is unhealthy when a change
+has waited longer than ``2 x syncPeriod`` without being programmed. Here that is: the oldest request not yet
+confirmed by a successful sync (``pending_since``) is older than the limit, *and* no sync has succeeded within
+the limit either. The second half matters when a request arrived during a sync that then succeeded: the
+request is still pending, but the loop is demonstrably alive; it turns unhealthy only once syncs stop
+succeeding for the whole limit.
+
+- ``/healthz``: also unhealthy before the initial sync has completed (a node that has not programmed the
+  cluster yet must not receive traffic from a load balancer that checks it).
+- ``/livez``: the staleness rule only. Waiting for the first list (the API server unreachable at start-up) is
+  not a reason for the kubelet to restart the process.
+- ``/readyz``: ready once a sync (the initial one, or a retry of it) has succeeded.
+
+All times are seconds on one monotonic clock; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+STALENESS_FACTOR = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """One decision for the three endpoints, and why (for the log and the response)."""
+
+    healthz: bool
+    livez: bool
+    ready: bool
+    reason: str
+
+
+def decide(
+    now: float,
+    pending_since: float | None,
+    last_success: float | None,
+    sync_period: float,
+    initialized: bool,
+) -> Health:
+    """The endpoints' verdicts at ``now`` (see the module docstring for the rules)."""
+    limit = STALENESS_FACTOR * sync_period
+    waited = now - pending_since if pending_since is not None else 0.0
+    stale = waited > limit and (last_success is None or now - last_success > limit)
+    ready = initialized and last_success is not None
+    if stale:
+        reason = f"a change has waited {waited:.1f} s without a successful sync"
+    elif not initialized:
+        reason = "the initial sync has not completed"
+    else:
+        reason = "ok"
+    return Health(healthz=initialized and not stale, livez=not stale, ready=ready, reason=reason)
+
+
+def rfc3339(wall: float) -> str:
+    """A wall-clock time (``time.time()``) as RFC 3339 in UTC, as kube-proxy's JSON shows it."""
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def health_body(last_updated: float | None, current_time: float) -> dict[str, Any]:
+    """kube-proxy's ``/healthz`` JSON: ``lastUpdated`` (null before the first successful sync),
+    ``currentTime`` and ``nodeEligible`` (always true: aproxy does not watch its Node for deletion or
+    autoscaler taints)."""
+    return {
+        "lastUpdated": rfc3339(last_updated) if last_updated is not None else None,
+        "currentTime": rfc3339(current_time),
+        "nodeEligible": True,
+    }
