@@ -136,7 +136,13 @@ class Syncer:
         keys = self._tracker.take_dirty() | self._retry
         self._retry = set()
         desired = {key: self._desired(key) for key in sorted_keys(keys)}
-        return await self._execute("sync", planner.plan(desired), len(desired))
+        try:
+            return await self._execute("sync", planner.plan(desired), len(desired))
+        except BaseException:
+            # The backend could not be reached at all (or the pass was cancelled): the keys taken from the
+            # tracker must not be lost; the next pass plans them again.
+            self._retry |= keys
+            raise
 
     async def audit(self) -> SyncReport:
         """Repair what differs between the kernel and the applied state; the only full comparison."""

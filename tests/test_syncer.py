@@ -8,15 +8,16 @@ final objects yields.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from errno import EIO
 from ipaddress import ip_address
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aproxy.backends.base import RealServerConnections
+from aproxy.backends.base import BackendError, OperationResult, RealServerConnections
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.drain import DrainClock
@@ -24,6 +25,7 @@ from aproxy.core.model import (
     AddRealServer,
     DeleteVirtualServer,
     L4Protocol,
+    Operation,
     RealServerKey,
     UnbindAddress,
     VirtualServerKey,
@@ -383,5 +385,37 @@ def test_the_audit_repairs_what_someone_else_removed() -> None:
         assert syncer.counters.audit_repairs == 3
         assert backend.dump_sync() == expected
         assert (await syncer.audit()).results == ()
+
+    run(scenario())
+
+
+class _Unreachable(MemoryBackend):
+    """A kernel that cannot be reached at all for a while: apply raises instead of answering."""
+
+    down = True
+
+    async def apply(self, operations: Sequence[Operation]) -> list[OperationResult]:
+        if self.down:
+            raise BackendError("netlink socket closed")
+        return await super().apply(operations)
+
+
+def test_changes_taken_by_a_sync_that_could_not_reach_the_kernel_are_not_lost() -> None:
+    async def scenario() -> None:
+        tracker = listed_tracker(web(), web_slice("10.244.0.1"))
+        backend = _Unreachable()
+        backend.down = False
+        syncer = Syncer(tracker, CTX, backend)
+        await syncer.start()
+        tracker.upsert_slice(web_slice("10.244.0.1", "10.244.0.2", rv="2"))
+        backend.down = True
+
+        with pytest.raises(BackendError):
+            await syncer.sync()
+
+        backend.down = False
+        report = await syncer.sync()
+        assert [r.operation.name for r in report.results] == ["add_real_server"]
+        assert backend.dump_sync().weight(VIRTUAL, real("10.244.0.2")) == 1
 
     run(scenario())
