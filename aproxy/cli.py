@@ -89,10 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser(
         "plan",
         help="print the IPVS state the manifests want on this node, without touching the kernel",
-        description="Print the desired IPVS state for the manifests given. Skipped objects are reported on "
-        "stderr. Exit status 0 when the manifests parse, 2 when a file cannot be read or parsed.",
+        description=(
+            "Print the desired IPVS state for the manifests given (--source), or for a live cluster "
+            "(--kubeconfig/--master; with neither, the pod's service account, KUBECONFIG or ~/.kube/config). "
+            "Skipped objects are reported on stderr. Exit status 0 when the manifests parse, 1 when the "
+            "cluster cannot be read, 2 when a file cannot be read or parsed."
+        ),
     )
-    _add_node_options(plan)
+    _add_node_options(plan, source_required=False)
+    plan.add_argument(
+        "--kubeconfig",
+        type=Path,
+        default=None,
+        help="plan from a live cluster (instead of --source); without --node-ip, the addresses of the "
+        "Node --node-name are read from the API",
+    )
+    plan.add_argument("--master", default=None, help="API server URL, overriding the kubeconfig's")
     plan.add_argument("--output", choices=["json", "text"], default="json", help="json (default) or text")
     plan.set_defaults(handler=_plan)
 
@@ -247,8 +259,35 @@ def _context(args: argparse.Namespace) -> TranslationContext:
     )
 
 
+async def tracker_from_cluster(args: argparse.Namespace) -> ChangeTracker:
+    """One paged list of Services and EndpointSlices from the API into a tracker. Without --node-ip, the
+    node's addresses (and zone) are read from its Node object into ``args``."""
+    from kubernetes_asyncio.client import ApiClient, CoreV1Api
+
+    from aproxy.sources import kubernetes
+
+    config = await kubernetes.load_config(args.kubeconfig, args.master)
+    tracker = ChangeTracker()
+    await kubernetes.snapshot(config, tracker)
+    if not args.node_ip:
+        async with ApiClient(config) as client:
+            node = await kubernetes.read_node(CoreV1Api(client), args.node_name)
+        args.node_ip = list(node.addresses)
+        args.node_zone = args.node_zone or node.zone
+    return tracker
+
+
 def _plan(args: argparse.Namespace) -> int:
-    tracker = tracker_from_manifests(args.source)
+    if args.source:
+        tracker = tracker_from_manifests(args.source)
+    else:
+        from aproxy.sources.kubernetes import KubernetesSourceError
+
+        try:
+            tracker = uvloop.run(tracker_from_cluster(args))
+        except KubernetesSourceError as exc:
+            print(f"aproxy: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     states = desired_all(tracker, _context(args))
     log_skips(tracker.new_skips())
     view = render.node_view(states.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,12 @@ from typing import Any
 
 import orjson
 import pytest
+
+from aproxy.sources.manifest import load_manifests
+from tests.fakeapi import fixtures
+from tests.fakeapi.server import FakeApiServer
+
+fake_api = fixtures.fake_api
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "cluster.yaml"
@@ -134,3 +141,43 @@ def test_dry_run_sync_prints_operations_and_a_summary() -> None:
     assert records[0] == {"op": "bind_address", "address": "10.96.0.10", "ok": True}
     adds = [r for r in records if r.get("op") == "add_real_server"]
     assert adds and {"protocol", "address", "port", "real_address", "real_port", "weight"} <= set(adds[0])
+
+
+def test_plan_from_a_live_cluster_equals_the_plan_from_its_manifests(
+    fake_api: FakeApiServer, tmp_path: Path
+) -> None:
+    manifests = load_manifests([EXAMPLE])
+    fake_api.apply_many("services", manifests.services)
+    fake_api.apply_many("endpointslices", manifests.slices)
+    fake_api.create(
+        "nodes",
+        {
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}]},
+        },
+    )
+    kubeconfig = fake_api.write_kubeconfig(tmp_path / "kubeconfig")
+
+    async def plan_from_cluster() -> tuple[int, bytes, bytes]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "aproxy.cli", "plan",
+            "--kubeconfig", str(kubeconfig), "--node-name", "node-a",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        stdout, stderr = await process.communicate()
+        return process.returncode or 0, stdout, stderr
+
+    code, stdout, stderr = fake_api.run(plan_from_cluster(), timeout=60)
+
+    assert code == 0, stderr.decode()
+    assert orjson.loads(stdout) == plan_json("--source", str(EXAMPLE))
+    assert fake_api.count(verb="list", resource="services") == 1
+
+
+def test_plan_from_an_unreachable_cluster_exits_1_with_one_line(tmp_path: Path) -> None:
+    done = aproxy(
+        "plan", "--master", "http://127.0.0.1:9", "--node-name", "node-a", "--node-ip", "192.0.2.10"
+    )
+
+    assert done.returncode == 1
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("aproxy: ")
