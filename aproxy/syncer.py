@@ -26,10 +26,7 @@ from aproxy.backends.base import Backend, OperationResult
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.drain import DrainClock
 from aproxy.core.model import (
-    AddRealServer,
-    AddVirtualServer,
     BindAddress,
-    DeleteRealServer,
     DeleteVirtualServer,
     IPAddress,
     Operation,
@@ -37,10 +34,9 @@ from aproxy.core.model import (
     ServiceKey,
     ServiceState,
     UnbindAddress,
-    UpdateRealServer,
-    UpdateVirtualServer,
     VirtualServerKey,
     operation_to_dict,
+    virtual_server_of,
 )
 from aproxy.core.objects import Severity, Skip
 from aproxy.core.plan import Plan, Planner
@@ -236,15 +232,11 @@ class Syncer:
         for result in failures:
             if not result.state_mismatch:
                 continue
-            match result.operation:
-                case BindAddress(address=address) | UnbindAddress(address=address):
-                    addresses.add(address)
-                case AddVirtualServer(key=key) | UpdateVirtualServer(key=key) | DeleteVirtualServer(key=key):
-                    keys.add(key)
-                case (
-                    AddRealServer(virtual=key) | UpdateRealServer(virtual=key) | DeleteRealServer(virtual=key)
-                ):
-                    keys.add(key)
+            key = virtual_server_of(result.operation)
+            if key is not None:
+                keys.add(key)
+            elif isinstance(result.operation, BindAddress | UnbindAddress):
+                addresses.add(result.operation.address)
         self.planner.reconcile(await self._backend.dump(), keys, addresses)
 
     def _log_conflicts(self, plan: Plan) -> None:

@@ -40,7 +40,6 @@ from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
     BindAddress,
-    DeleteRealServer,
     DeleteVirtualServer,
     IPAddress,
     L4Protocol,
@@ -48,10 +47,9 @@ from aproxy.core.model import (
     RealServer,
     RealServerKey,
     UnbindAddress,
-    UpdateRealServer,
-    UpdateVirtualServer,
     VirtualServerKey,
     VirtualServerSpec,
+    virtual_server_of,
 )
 from aproxy.core.state import IPVSState
 
@@ -417,15 +415,15 @@ class IPVSBackend:
         if not add_indexes:
             return await self._batch.send(ops)
         codes = [0] * len(ops)
-        refused: set[VirtualServerKey] = set()
+        refused: set[VirtualServerKey | None] = set()
         for index, code in zip(
             add_indexes, await self._batch.send([ops[i] for i in add_indexes]), strict=True
         ):
             codes[index] = code
             if code:
-                refused.add(_virtual_key(ops[index]))
+                refused.add(virtual_server_of(ops[index]))
         rest = [i for i, op in enumerate(ops) if not isinstance(op, AddVirtualServer)]
-        to_send = [i for i in rest if _virtual_key(ops[i]) not in refused]
+        to_send = [i for i in rest if virtual_server_of(ops[i]) not in refused]
         if to_send:
             for index, code in zip(to_send, await self._batch.send([ops[i] for i in to_send]), strict=True):
                 codes[index] = code
@@ -521,14 +519,6 @@ def _spec_from_attrs(attrs: Any) -> VirtualServerSpec:
     return VirtualServerSpec(
         scheduler=attrs.get_attr("IPVS_SVC_ATTR_SCHED_NAME"), persistence_timeout=timeout, flags=names
     )
-
-
-def _virtual_key(op: ipvs_wire.IPVSOperation) -> VirtualServerKey:
-    match op:
-        case AddVirtualServer(key=key) | UpdateVirtualServer(key=key) | DeleteVirtualServer(key=key):
-            return key
-        case AddRealServer(virtual=key) | UpdateRealServer(virtual=key) | DeleteRealServer(virtual=key):
-            return key
 
 
 def _result(op: Operation, code: int) -> OperationResult:

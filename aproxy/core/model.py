@@ -200,6 +200,17 @@ Operation: TypeAlias = (
 )
 
 
+def virtual_server_of(op: Operation) -> VirtualServerKey | None:
+    """The virtual server an operation changes (None for address binds, which belong to no one server)."""
+    match op:
+        case AddVirtualServer(key=key) | UpdateVirtualServer(key=key) | DeleteVirtualServer(key=key):
+            return key
+        case AddRealServer(virtual=key) | UpdateRealServer(virtual=key) | DeleteRealServer(virtual=key):
+            return key
+        case BindAddress() | UnbindAddress():
+            return None
+
+
 def operation_to_dict(op: Operation) -> dict[str, str | int]:
     """The flat record scripts read (``aproxy sync --output json``, logs): op, protocol, address, port, ..."""
     match op:

@@ -15,10 +15,10 @@ import pytest
 
 from aproxy import render
 from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
+from aproxy.cli import tracker_from_manifests
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import L4Protocol, RealServerKey, VirtualServerKey
 from aproxy.core.translate import TranslationContext
-from aproxy.sources.manifest import load_manifests
 from aproxy.syncer import Syncer, SyncReport, desired_all
 from tests.kernel import netlab
 
@@ -32,15 +32,7 @@ T = TypeVar("T")
 
 
 def example_tracker() -> ChangeTracker:
-    manifests = load_manifests([EXAMPLE])
-    tracker = ChangeTracker()
-    for service in manifests.services:
-        tracker.upsert_service(service)
-    for endpoint_slice in manifests.slices:
-        tracker.upsert_slice(endpoint_slice)
-    tracker.mark_listed("services")
-    tracker.mark_listed("endpointslices")
-    return tracker
+    return tracker_from_manifests([EXAMPLE])
 
 
 CTX = TranslationContext(node_name="node-a", node_addresses=frozenset({NODE_IP}))
