@@ -309,6 +309,11 @@ class IPVSBackend:
         """IPVS requests sent so far (one per IPVS operation; address changes are not counted)."""
         return self._batch.messages_sent if self._batch is not None else 0
 
+    @property
+    def netlink_batches_sent(self) -> int:
+        """Buffers of IPVS requests sent so far (one sendmsg each)."""
+        return self._batch.batches_sent if self._batch is not None else 0
+
     async def close(self) -> None:
         if self._batch is not None:
             self._batch.close()

@@ -1022,6 +1022,15 @@ def _ipvs_has_entries() -> bool:
         return False
 
 
+def _destroy_aproxy_ipsets() -> None:
+    """aproxy's hairpin sets (APROXY-*) outlive the rules that used them; a later test must start without."""
+    if not Path("/sys/module/ip_set").exists():
+        return  # no test loaded ipset yet: nothing to destroy, and no process start
+    for name in run("ipset", "list", "-n").split():
+        if name.startswith("APROXY-"):
+            run("ipset", "destroy", name)
+
+
 def reset_node(baseline: NodeBaseline) -> None:
     """Undo what a test left behind: IPVS rules, interfaces, namespaces, iptables, sysctls, conntrack entries.
 
@@ -1040,6 +1049,7 @@ def reset_node(baseline: NodeBaseline) -> None:
         for entry in NETNS_DIR.iterdir():
             delete_netns(entry.name)
     _restore_iptables(baseline)
+    _destroy_aproxy_ipsets()  # after the iptables rules that reference them are gone
     for name, value in baseline.sysctls.items():
         with suppress(FileNotFoundError):  # the ip_vs module may have been unloaded by the test
             if read_sysctl(name) != value:

@@ -1,0 +1,453 @@
+"""Benchmark of aproxy on a real IPVS (not a test), in the user-mode Linux guest of the kernel test tier.
+
+    .venv/bin/python bench/kernel.py
+
+On the host this boots the guest once with tests/kernel/run.py's machinery. The guest's init runs pytest
+and nothing else, so the measurement travels as this very file with ``guest_main`` as its only item
+(``-o python_functions=guest_main``); it writes its figures to the run folder and the host prints them.
+In one guest boot:
+
+1. 1,000 services x 10 endpoints (11,000 IPVS operations, planned by the Planner from empty) written once
+   with ``ipvsadm -R`` (the restore text made from the same planned operations) and three times with
+   ``IPVSBackend.apply`` (masquerade off: IPVS alone, like ipvsadm), then once more with the hairpin set
+   kept as the daemon does (masquerade on). Both writers must leave the same table (checked with
+   ``ipvsadm -Ln``). ``ip_vs`` is reloaded before each timed write: the kernel keeps deleted real servers on a
+   trash list for minutes, and every add scans it.
+2. One endpoint change (``Syncer.sync`` after a tracker update) at 100 and at 1,000 services: operations,
+   IPVS requests and time (median of 20 changes: add an endpoint, remove it, return it, ...).
+3. A full audit (``Syncer.audit``: kernel dump + comparison) at 1,000 services, and the dump alone.
+
+Every syscall costs about 1 ms in the guest: these are user-mode Linux figures, good for ratios between
+writers in the same boot, not as absolute performance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
+from aproxy.core.changes import ChangeTracker
+from aproxy.core.model import (
+    AddRealServer,
+    AddVirtualServer,
+    BindAddress,
+    Operation,
+    RealServerKey,
+    UnbindAddress,
+    VirtualServerKey,
+    VirtualServerSpec,
+)
+from aproxy.core.plan import Planner
+from aproxy.core.state import IPVSState
+from aproxy.core.translate import TranslationContext
+from aproxy.syncer import Syncer, desired_all
+from tests.core import k8s
+from tests.kernel import netlab
+from tests.kernel import run as guest
+
+FIGURES_FILE = "kernel-bench.json"
+COMMAND = ".venv/bin/python bench/kernel.py"
+GUEST_PYTEST_ARGS = ("-o", "python_functions=guest_main", str(Path(__file__).resolve()))
+
+SERVICES = 1000
+ENDPOINTS = 10
+SMALL_CLUSTER = 100
+# Best of several runs: the guest is one process on a shared host, and a burst of 0.1 s is easily disturbed.
+IPVSADM_RUNS = 2
+APROXY_RUNS = 5
+CHANGES = 20
+# (services, masquerade) of the endpoint-change and audit runs: IPVS alone at both sizes, then as the daemon
+# runs by default (the hairpin set follows every real server added or removed).
+CHANGE_RUNS = ((SMALL_CLUSTER, False), (SERVICES, False), (SERVICES, True))
+# Service i: cluster IP 10.100.0.0 + i; its endpoints from 10.150.0.0 + 32 i on (room for the changes).
+FIRST_CLUSTER_IP = IPv4Address("10.100.0.0")
+FIRST_ENDPOINT = IPv4Address("10.150.0.0")
+ENDPOINT_BLOCK = 32
+SERVICE_PORT = 80
+TARGET_PORT = 8080
+NODE_IP = IPv4Address("192.0.2.10")
+GOAL, AIM = 10, 50
+CTX = TranslationContext(node_name="node-a", node_addresses=frozenset({NODE_IP}))
+
+
+# --- figures (written by the guest, printed by the host) ----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFigure:
+    operations: int
+    seconds: float
+    batches: int = 0
+
+    @property
+    def rate(self) -> float:
+        return self.operations / self.seconds
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeFigure:
+    services: int
+    masquerade: bool
+    operations: int  # per change (every change of the series is asserted to cost the same)
+    messages: int
+    median_seconds: float
+    start_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFigure:
+    services: int
+    masquerade: bool
+    seconds: float
+    dump_seconds: float
+    repairs: int
+
+
+@dataclass(frozen=True, slots=True)
+class Figures:
+    kernel: str
+    ipvsadm: list[WriteFigure]  # one per run
+    aproxy: list[WriteFigure]  # masquerade off, one per run
+    aproxy_masquerade: WriteFigure
+    changes: list[ChangeFigure]
+    audits: list[AuditFigure]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Figures:
+        return cls(
+            kernel=data["kernel"],
+            ipvsadm=[WriteFigure(**run) for run in data["ipvsadm"]],
+            aproxy=[WriteFigure(**run) for run in data["aproxy"]],
+            aproxy_masquerade=WriteFigure(**data["aproxy_masquerade"]),
+            changes=[ChangeFigure(**change) for change in data["changes"]],
+            audits=[AuditFigure(**audit) for audit in data["audits"]],
+        )
+
+    @property
+    def ipvsadm_best(self) -> WriteFigure:
+        return min(self.ipvsadm, key=lambda figure: figure.seconds)
+
+    @property
+    def aproxy_best(self) -> WriteFigure:
+        return min(self.aproxy, key=lambda figure: figure.seconds)
+
+    @property
+    def aproxy_median(self) -> WriteFigure:
+        return sorted(self.aproxy, key=lambda figure: figure.seconds)[len(self.aproxy) // 2]
+
+
+def _masquerade(on: bool) -> str:
+    return "masquerade on" if on else "masquerade off"
+
+
+def render(figures: Figures) -> str:
+    ipvsadm, aproxy, masq = figures.ipvsadm_best, figures.aproxy_best, figures.aproxy_masquerade
+    median = figures.aproxy_median
+    rows = [
+        (
+            f"program {SERVICES:,} services x {ENDPOINTS} endpoints ({ipvsadm.operations:,} IPVS operations) "
+            f"with `ipvsadm -R` (best of {len(figures.ipvsadm)})",
+            f"{ipvsadm.seconds:.2f} s = {ipvsadm.rate:,.0f} ops/s",
+        ),
+        (
+            f"the same with aproxy (`IPVSBackend.apply`, masquerade off, best of {len(figures.aproxy)})",
+            f"{aproxy.seconds:.3f} s = {aproxy.rate:,.0f} ops/s, {aproxy.batches} batches "
+            f"(median {median.rate:,.0f} ops/s)",
+        ),
+        (
+            "aproxy / `ipvsadm -R`",
+            f"{aproxy.rate / ipvsadm.rate:.0f}x, median {median.rate / ipvsadm.rate:.0f}x "
+            f"(goal >= {GOAL}x, aim {AIM}x)",
+        ),
+        (
+            "the same with aproxy, masquerade on (the hairpin ipset follows every batch)",
+            f"{masq.seconds:.3f} s = {masq.rate:,.0f} ops/s = {masq.rate / ipvsadm.rate:.1f}x `ipvsadm -R`",
+        ),
+        *(
+            (
+                f"one endpoint change at {change.services:,} services (`Syncer.sync`, "
+                f"{_masquerade(change.masquerade)})",
+                f"{change.operations} operation, {change.messages} netlink request, "
+                f"{change.median_seconds * 1000:.1f} ms (median of {CHANGES})",
+            )
+            for change in figures.changes
+        ),
+        *(
+            (
+                f"`Syncer.start` from empty at {change.services:,} services "
+                f"({_masquerade(change.masquerade)})",
+                f"{change.start_seconds:.2f} s",
+            )
+            for change in figures.changes
+        ),
+        *(
+            (
+                f"full audit at {audit.services:,} services (`Syncer.audit`, "
+                f"{_masquerade(audit.masquerade)})",
+                f"{audit.seconds:.2f} s, {audit.repairs} repairs; "
+                f"`IPVSBackend.dump` alone {audit.dump_seconds:.2f} s",
+            )
+            for audit in figures.audits
+        ),
+    ]
+    width = max(len(name) for name, _ in rows)
+    lines = [
+        f"aproxy kernel benchmark: user-mode Linux {figures.kernel} guest figures (syscalls and process "
+        "starts are slow there: compare within this table, not with real hardware)",
+        f"reproduce: {COMMAND}",
+        "",
+        f"| {'figure'.ljust(width)} | value |",
+        f"|{'-' * (width + 2)}|-------|",
+        *(f"| {name.ljust(width)} | {value} |" for name, value in rows),
+    ]
+    return "\n".join(lines)
+
+
+# --- the host side ------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    settings = guest.Settings.from_environment()
+    reason = guest.unavailable_reason(settings)
+    if reason is not None:
+        print(f"kernel benchmark cannot run here: {reason}", file=sys.stderr)
+        return guest.EXIT_UNAVAILABLE
+    try:
+        run = guest.run_guest(GUEST_PYTEST_ARGS, settings)
+    except guest.GuestError as exc:
+        print(f"kernel benchmark: {exc}", file=sys.stderr)
+        return guest.EXIT_NO_RESULT
+    figures = run.run_dir / FIGURES_FILE
+    if run.exit_code != 0 or not figures.exists():
+        why = run.error or f"guest pytest exit code {run.exit_code}"
+        print(f"kernel benchmark failed in the guest: {why}\n{run.log_tail()}", file=sys.stderr)
+        return guest.EXIT_NO_RESULT
+    print(render(Figures.from_json(json.loads(figures.read_text()))))
+    return 0
+
+
+# --- the guest side -----------------------------------------------------------------------------------------
+
+
+class NotInGuest(RuntimeError):
+    """The measurement reloads kernel modules and flushes IPVS: it runs only inside the kernel-test guest."""
+
+
+def guest_main() -> None:
+    """The measurement (pytest's only item in the guest): writes the figures into the run folder."""
+    if not netlab.in_guest():
+        raise NotInGuest(f"run it from the host: {COMMAND}")
+    figures = asyncio.run(measure())
+    run_dir = Path(os.environ["APROXY_GUEST_RUN_DIR"])
+    (run_dir / FIGURES_FILE).write_text(json.dumps(asdict(figures)))
+
+
+async def measure() -> Figures:
+    tracker = cluster(SERVICES)
+    plan = Planner().plan_full(desired_all(tracker, CTX))
+    ipvsadm = [write_with_ipvsadm(plan.operations) for _ in range(IPVSADM_RUNS)]
+    aproxy = [await write_with_aproxy(plan.operations, masquerade=False) for _ in range(APROXY_RUNS)]
+    aproxy_masquerade = await write_with_aproxy(plan.operations, masquerade=True)
+    measured = [await changes_and_audit(size, masquerade) for size, masquerade in CHANGE_RUNS]
+    changes = [change for change, _ in measured]
+    audits = [audit for _, audit in measured]
+    return Figures(os.uname().release, ipvsadm, aproxy, aproxy_masquerade, changes, audits)
+
+
+# --- the cluster --------------------------------------------------------------------------------------------
+
+
+def slice_object(index: int, endpoints: int) -> k8s.Obj:
+    first = FIRST_ENDPOINT + index * ENDPOINT_BLOCK
+    addresses = [k8s.endpoint(str(first + number), node="node-a") for number in range(endpoints)]
+    return k8s.endpoint_slice(f"svc-{index}", endpoints=addresses)
+
+
+def cluster(size: int) -> ChangeTracker:
+    tracker = ChangeTracker()
+    for index in range(size):
+        port = k8s.port("http", SERVICE_PORT, target_port=TARGET_PORT)
+        service = k8s.service(f"svc-{index}", cluster_ips=str(FIRST_CLUSTER_IP + index), ports=[port])
+        tracker.upsert_service(service)
+        tracker.upsert_slice(slice_object(index, ENDPOINTS))
+    tracker.mark_listed("services")
+    tracker.mark_listed("endpointslices")
+    return tracker
+
+
+# --- (1) writing the whole table ----------------------------------------------------------------------------
+
+
+def reload_ipvs() -> None:
+    """A fresh ip_vs module: no trash list of deleted real servers for the next writer's adds to scan."""
+
+    netlab.ipvsadm("-C")
+    users = ipvs_module_users()
+    netlab.run("modprobe", "-r", *users, "ip_vs")
+    netlab.run("modprobe", "-a", "ip_vs", *users)
+
+
+def ipvs_module_users() -> list[str]:
+    """The modules that use ip_vs (schedulers, xt_ipvs), from /proc/modules' "used by" column."""
+    for line in Path("/proc/modules").read_text().splitlines():
+        name, _size, _count, users, *_ = line.split()
+        if name == "ip_vs":
+            return [user for user in users.split(",") if user and user != "-"]
+    return []
+
+
+def ipvs_operations(operations: Iterable[Operation]) -> list[Operation]:
+    return [op for op in operations if not isinstance(op, BindAddress | UnbindAddress)]
+
+
+def restore_text(operations: Iterable[Operation]) -> str:
+    """``ipvsadm -R`` input for the planned adds (NAT forwarding, as aproxy programs them)."""
+    flags = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
+    lines = []
+    for op in ipvs_operations(operations):
+        match op:
+            case AddVirtualServer(key=key, spec=spec):
+                target = f"{flags[key.protocol.value]} {netlab.endpoint_text(key.address, key.port)}"
+                persistent = f" -p {spec.persistence_timeout}" if spec.persistence_timeout else ""
+                lines.append(f"-A {target} -s {spec.scheduler}{persistent}")
+            case AddRealServer(virtual=key, real=real):
+                target = f"{flags[key.protocol.value]} {netlab.endpoint_text(key.address, key.port)}"
+                real_text = netlab.endpoint_text(real.address, real.port)
+                lines.append(f"-a {target} -r {real_text} -m -w {real.weight}")
+            case _:
+                raise ValueError(f"not an add: {op}")
+    return "".join(f"{line}\n" for line in lines)
+
+
+Table = dict[VirtualServerKey, tuple[VirtualServerSpec | None, dict[RealServerKey, int]]]
+
+
+def expected_table(operations: Iterable[Operation]) -> Table:
+    state = IPVSState()
+    for op in ipvs_operations(operations):
+        state.apply(op)
+    return {key: (state.spec(key), dict(state.real_servers(key))) for key in state.virtual_keys()}
+
+
+def kernel_table() -> Table:
+    return {entry.key: (entry.spec, entry.weights) for entry in netlab.read_ipvs().virtual_servers}
+
+
+class WrongTable(AssertionError):
+    """A writer did not leave the planned table in the kernel: its figure would mean nothing."""
+
+
+def check_table(writer: str, operations: Sequence[Operation]) -> None:
+    if kernel_table() != expected_table(operations):
+        raise WrongTable(f"{writer} did not program the planned table")
+
+
+def write_with_ipvsadm(operations: Sequence[Operation]) -> WriteFigure:
+    text = restore_text(operations)
+    reload_ipvs()
+    started = time.perf_counter()
+    subprocess.run(["ipvsadm", "-R"], input=text, text=True, check=True, capture_output=True)
+    seconds = time.perf_counter() - started
+    check_table("ipvsadm -R", operations)
+    return WriteFigure(len(ipvs_operations(operations)), seconds)
+
+
+async def write_with_aproxy(operations: Sequence[Operation], *, masquerade: bool) -> WriteFigure:
+    reload_ipvs()
+    ipvs_ops = ipvs_operations(operations)
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = IPVSSettings(state_file=Path(scratch) / "owned.json", masquerade=masquerade)
+        async with IPVSBackend(settings) as backend:
+            # The addresses first, untimed: ipvsadm -R binds none, and the plan binds before it adds.
+            await backend.apply([op for op in operations if isinstance(op, BindAddress)])
+            batches = backend_batches(backend)
+            started = time.perf_counter()
+            results = await backend.apply(ipvs_ops)
+            seconds = time.perf_counter() - started
+            batches = backend_batches(backend) - batches
+            if not all(result.ok for result in results):
+                raise WrongTable(f"aproxy: {sum(not result.ok for result in results)} operations refused")
+            check_table("aproxy", operations)
+            # Leaves nothing that pins the module (its iptables rules use xt_ipvs) for the next reload.
+            await backend.cleanup()
+    return WriteFigure(len(ipvs_ops), seconds, batches)
+
+
+def backend_batches(backend: IPVSBackend) -> int:
+    batch = backend._batch  # the batch socket's own counter: how many sendmsg calls the writes took
+    assert batch is not None, "the backend is open"
+    return batch.batches_sent
+
+
+# --- (2) one endpoint change, (3) the audit -----------------------------------------------------------------
+
+
+async def changes_and_audit(size: int, masquerade: bool) -> tuple[ChangeFigure, AuditFigure]:
+    reload_ipvs()
+    tracker = cluster(size)
+    with tempfile.TemporaryDirectory() as scratch:
+        settings = IPVSSettings(state_file=Path(scratch) / "owned.json", masquerade=masquerade)
+        async with IPVSBackend(settings) as backend:
+            syncer = Syncer(tracker, CTX, backend)
+            started = time.perf_counter()
+            report = await syncer.start()
+            start_seconds = time.perf_counter() - started
+            if not report.ok:
+                raise WrongTable(f"start at {size} services: {len(report.failures)} operations refused")
+            changes = await _change_series(tracker, syncer, backend, start_seconds)
+            audit = await _audit(syncer, backend)
+            await backend.cleanup()
+    return changes, audit
+
+
+async def _change_series(
+    tracker: ChangeTracker, syncer: Syncer, backend: IPVSBackend, start_seconds: float
+) -> ChangeFigure:
+    """A new endpoint (a pod scaled up) for the middle service, CHANGES times: one operation each."""
+    size = len(tracker.services())
+    index = size // 2
+    seconds: list[float] = []
+    costs: set[tuple[int, int]] = set()
+    for number in range(CHANGES):
+        tracker.upsert_slice(slice_object(index, ENDPOINTS + number + 1))
+        messages = backend.netlink_messages_sent
+        started = time.perf_counter()
+        report = await syncer.sync()
+        seconds.append(time.perf_counter() - started)
+        if not report.ok:
+            raise WrongTable(f"endpoint change at {size} services refused: {report.failures}")
+        costs.add((len(report.results), backend.netlink_messages_sent - messages))
+    if len(costs) != 1:
+        raise WrongTable(f"endpoint changes at {size} services cost differently: {costs}")
+    ((operations, messages),) = costs
+    masquerade = backend.settings.masquerade
+    return ChangeFigure(size, masquerade, operations, messages, statistics.median(seconds), start_seconds)
+
+
+async def _audit(syncer: Syncer, backend: IPVSBackend) -> AuditFigure:
+    started = time.perf_counter()
+    report = await syncer.audit()
+    seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    await backend.dump()
+    dump_seconds = time.perf_counter() - started
+    size = len(list(syncer.planner.services()))
+    return AuditFigure(size, backend.settings.masquerade, seconds, dump_seconds, len(report.results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
