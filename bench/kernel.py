@@ -388,9 +388,7 @@ async def write_with_aproxy(operations: Sequence[Operation], *, masquerade: bool
 
 
 def backend_batches(backend: IPVSBackend) -> int:
-    batch = backend._batch  # the batch socket's own counter: how many sendmsg calls the writes took
-    assert batch is not None, "the backend is open"
-    return batch.batches_sent
+    return backend.netlink_batches_sent  # how many sendmsg calls the writes took
 
 
 # --- (2) one endpoint change, (3) the audit -----------------------------------------------------------------
