@@ -317,6 +317,8 @@ class IPVSBackend:
     async def close(self) -> None:
         if self._batch is not None:
             self._batch.close()
+        if self._masquerade is not None:
+            self._masquerade.close()
         if self._netlink is not None:
             await self._netlink.run(_close_pyroute2(self._ipvs, self._ipr))
             await self._netlink.stop()

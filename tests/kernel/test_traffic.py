@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 
+from aproxy.backends import ipset_wire
+from aproxy.backends.ipset_socket import IPSetSocket
 from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
-from aproxy.backends.masquerade import Masquerade
+from aproxy.backends.masquerade import LoopBackEntry, Masquerade
 from aproxy.core.changes import ChangeTracker
-from aproxy.core.model import IPAddress, RealServerKey
+from aproxy.core.model import IPAddress, L4Protocol, RealServerKey
 from aproxy.core.translate import TranslationContext
 from aproxy.syncer import Syncer, SyncReport
 from tests.core import k8s
@@ -291,6 +294,12 @@ def test_hairpin_a_backend_reaches_itself_through_its_service(
     }
 
 
+def set_counters(masquerade: Masquerade) -> tuple[int, int, int, int]:
+    """Netlink batches, members sent, members refused, commands run (ipset, iptables...) so far."""
+    m = masquerade
+    return m.set_writes, m.entries_written, m.entries_failed, m.commands_run
+
+
 def test_hairpin_set_follows_endpoint_changes_one_entry_at_a_time(
     lab: Lab, clusters: list[Cluster], settings: IPVSSettings
 ) -> None:
@@ -300,23 +309,57 @@ def test_hairpin_set_follows_endpoint_changes_one_entry_at_a_time(
     masquerade = cluster.backend.masquerade
     assert masquerade is not None
     after_start = hairpin_members()
-    writes, entries = masquerade.set_writes, masquerade.entries_written
-
+    before_add = set_counters(masquerade)
     cluster.apply(web_service([pod_a, pod_b, pod_c]))
     after_add = hairpin_members()
-    add_cost = (masquerade.set_writes - writes, masquerade.entries_written - entries)
+    add_cost = tuple(now - then for now, then in zip(set_counters(masquerade), before_add, strict=True))
     cluster.apply(web_service([pod_b, pod_c]))
     while_draining = hairpin_members()
+    before_drain = set_counters(masquerade)
     drained = cluster.drain()
+    drain_cost = tuple(now - then for now, then in zip(set_counters(masquerade), before_drain, strict=True))
 
     assert after_start == {member(pod_a), member(pod_b)}
     assert after_add == {member(pod_a), member(pod_b), member(pod_c)}
-    assert add_cost == (1, 1)  # one `ipset restore` with one line: the change, not the cluster
+    # One netlink batch carrying one member, none refused, and no ipset (or iptables) process started.
+    assert add_cost == (1, 1, 0, 0)
     # A removed TCP endpoint drains at weight 0 first: its held connections may still be hairpin ones.
     assert while_draining == after_add
     assert [result.operation.name for result in drained.results] == ["delete_real_server"]
+    assert drain_cost == (1, 1, 0, 0)
     assert hairpin_members() == {member(pod_b), member(pod_c)}
     assert netlab.tcp_request(SERVICE_ADDRESS, PORT, netns=pod_c.netns).backend in {"pod-b", "pod-c"}
+
+
+def test_refused_hairpin_members_are_mapped_back_one_by_one(
+    lab: Lab, clusters: list[Cluster], settings: IPVSSettings
+) -> None:
+    """The netlink batch attributes each error to its member; the others land (no ipset process involved).
+
+    Run on uvloop, the daemon's loop, which refuses pyroute2's asyncio netlink sockets but not this one.
+    """
+    pod_a, pod_b = lab.add_pod("pod-a"), lab.add_pod("pod-b")
+    open_cluster(clusters, settings).apply(web_service([pod_a]))
+    good = LoopBackEntry(pod_b.address, L4Protocol.TCP, ECHO_PORT).wire()
+    missing_set = dataclasses.replace(good, set_name="APROXY-NO-SUCH-SET")
+    wrong_family = dataclasses.replace(good, set_name="APROXY-LOOP-BACK6")
+    requests = [
+        (ipset_wire.CMD_ADD, missing_set),
+        (ipset_wire.CMD_ADD, good),
+        (ipset_wire.CMD_ADD, wrong_family),
+        (ipset_wire.CMD_ADD, good),  # already there: -exist semantics, not an error
+        (ipset_wire.CMD_DEL, dataclasses.replace(good, port=1)),  # not there: not an error either
+    ]
+
+    async def write() -> tuple[list[int], int]:
+        async with IPSetSocket() as sock:
+            return await sock.send(requests), sock.batches_sent
+
+    codes, batches = uvloop.run(write())
+
+    assert batches == 1
+    assert [code != 0 for code in codes] == [True, False, True, False, False]
+    assert hairpin_members() == {member(pod_a), member(pod_b)}
 
 
 def test_restart_adopts_the_hairpin_set_and_audit_repairs_nat_drift(
