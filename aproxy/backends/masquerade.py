@@ -185,20 +185,10 @@ class LoopBackEntry:
         )
 
 
-def ipset_lines(added: Iterable[LoopBackEntry], removed: Iterable[LoopBackEntry]) -> str:
-    """``ipset restore`` input: removals first, each line idempotent (``-exist``).
-
-    What ``set_requests`` sends over netlink, as ipset's own tool would take it (for an operator's repair).
-    """
-    lines = [f"del {entry.set_name} {entry.member()} -exist" for entry in removed]
-    lines += [f"add {entry.set_name} {entry.member()} -exist" for entry in added]
-    return "".join(f"{line}\n" for line in lines)
-
-
 def set_requests(
     added: Iterable[LoopBackEntry], removed: Iterable[LoopBackEntry]
 ) -> list[tuple[int, LoopBackEntry]]:
-    """The netlink (command, entry) requests of a change: removals first, like ``ipset_lines``."""
+    """The netlink (command, entry) requests of a change: removals first, then additions."""
     return [(ipset_wire.CMD_DEL, entry) for entry in removed] + [
         (ipset_wire.CMD_ADD, entry) for entry in added
     ]

@@ -12,6 +12,7 @@ from ipaddress import ip_address
 
 import pytest
 
+from aproxy.backends import ipset_wire
 from aproxy.backends.base import OperationResult
 from aproxy.backends.masquerade import (
     FAMILIES,
@@ -21,10 +22,10 @@ from aproxy.backends.masquerade import (
     Masquerade,
     MasqueradeSettings,
     create_sets_text,
-    ipset_lines,
     parse_saved_members,
     removal_text,
     restore_text,
+    set_requests,
 )
 from aproxy.core.model import (
     AddRealServer,
@@ -149,16 +150,16 @@ def test_sets_are_created_per_family_idempotently() -> None:
     ]
 
 
-def test_set_lines_remove_first_and_name_the_family_set() -> None:
-    lines = ipset_lines(
+def test_set_requests_remove_first_and_name_the_family_set() -> None:
+    requests = set_requests(
         added=[entry(POD_A), entry(POD_A6), entry(POD_B, L4Protocol.UDP)], removed=[entry(POD_B)]
     )
 
-    assert lines.splitlines() == [
-        "del APROXY-LOOP-BACK 10.244.1.6,tcp:8080,10.244.1.6 -exist",
-        "add APROXY-LOOP-BACK 10.244.1.5,tcp:8080,10.244.1.5 -exist",
-        "add APROXY-LOOP-BACK6 fd00:10:244::5,tcp:8080,fd00:10:244::5 -exist",
-        "add APROXY-LOOP-BACK 10.244.1.6,udp:8080,10.244.1.6 -exist",
+    assert [(command, e.set_name, e.member()) for command, e in requests] == [
+        (ipset_wire.CMD_DEL, "APROXY-LOOP-BACK", "10.244.1.6,tcp:8080,10.244.1.6"),
+        (ipset_wire.CMD_ADD, "APROXY-LOOP-BACK", "10.244.1.5,tcp:8080,10.244.1.5"),
+        (ipset_wire.CMD_ADD, "APROXY-LOOP-BACK6", "fd00:10:244::5,tcp:8080,fd00:10:244::5"),
+        (ipset_wire.CMD_ADD, "APROXY-LOOP-BACK", "10.244.1.6,udp:8080,10.244.1.6"),
     ]
 
 
@@ -264,8 +265,8 @@ def test_one_endpoint_change_writes_one_line_whatever_the_cluster_size() -> None
 
     delta = members.observe(ok(AddRealServer(WEB, newcomer)))
 
-    assert ipset_lines(delta.added, delta.removed).splitlines() == [
-        "add APROXY-LOOP-BACK 10.244.9.9,tcp:8080,10.244.9.9 -exist"
+    assert [(c, e.member()) for c, e in set_requests(delta.added, delta.removed)] == [
+        (ipset_wire.CMD_ADD, "10.244.9.9,tcp:8080,10.244.9.9")
     ]
 
 
