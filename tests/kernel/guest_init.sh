@@ -30,9 +30,14 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 [ -c /dev/null ] || mount -t devtmpfs devtmpfs /dev
 # Private scratch space, so the guest never litters the host's /tmp and /run (ip netns lives in /run/netns).
-mount -t tmpfs tmpfs /tmp
+# A checkout under /tmp (CI may clone anywhere) must stay visible: then /tmp is left as it is and the scratch
+# space is a directory in the guest's own /run instead.
 mount -t tmpfs tmpfs /run
-mkdir -p /run/aproxy/bin
+case "$RUN_DIR" in
+    /tmp/*) SCRATCH=/run/aproxy/scratch ;;
+    *) mount -t tmpfs tmpfs /tmp && SCRATCH=/tmp ;;
+esac
+mkdir -p /run/aproxy/bin "$SCRATCH"
 : >/run/aproxy/guest  # marker the guest side of conftest.py checks before touching any kernel state
 
 # Modules come from build/uml/modroot-<version> (run.py ran depmod there). A wrapper named modprobe, first on
@@ -83,7 +88,7 @@ EOF
 export APROXY_IN_GUEST=1
 [ -n "${APROXY_GUEST_SELECTED:-}" ] && export APROXY_GUEST_SELECTED
 export APROXY_GUEST_RUN_DIR="$RUN_DIR"
-export HOME=/tmp TMPDIR=/tmp
+export HOME="$SCRATCH" TMPDIR="$SCRATCH"
 # No __pycache__ written into the host's checkout from inside the guest.
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 

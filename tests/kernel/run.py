@@ -148,6 +148,8 @@ def unavailable_reason(settings: Settings) -> str | None:
         return f"the kernel test tier needs these tools: {', '.join(missing)} (see Makefile APT_PACKAGES)"
     if not module_versions(settings.modules):
         return f"no user-mode Linux modules under {settings.modules}"
+    if REPO_ROOT.is_relative_to("/run"):
+        return f"the checkout {REPO_ROOT} is under /run, which the guest replaces with its own tmpfs"
     return None
 
 
