@@ -20,9 +20,10 @@ Rules:
   half-known cluster. ``take_dirty`` does not enforce it; the sync task checks ``initialized`` (and its first
   sync is a full one anyway).
 - An object whose ``metadata.resourceVersion`` equals the stored one's is not even parsed again (a relist of
-  10,000 services costs milliseconds). The API server changes the version on every write; a source that
-  reads files must not pass a stale version with edited content (leaving it out always works: the content
-  is then compared).
+  10,000 services costs milliseconds); a changed slice is parsed against the stored version, whose
+  unchanged endpoints are reused rather than made again. The API server changes the version on every
+  write; a source that reads files must not pass a stale version with edited content (leaving it out
+  always works: the content is then compared).
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ class ChangeTracker:
     def __init__(self) -> None:
         self._services: dict[ServiceKey, ServiceInfo] = {}
         self._slices: dict[tuple[str, str], SliceInfo] = {}
-        self._slices_by_service: dict[ServiceKey, dict[str, SliceInfo]] = {}
+        # Per service, its slices sorted by name: a tuple, not a dict (most services have one slice; a small
+        # dict costs 4 times the memory), rebuilt when one of them changes.
+        self._slices_by_service: dict[ServiceKey, tuple[SliceInfo, ...]] = {}
         self._dirty: set[ServiceKey] = set()
         self._listed: set[str] = set()
         self._active_skips: dict[_ObjectId, frozenset[Skip]] = {}
@@ -75,7 +78,7 @@ class ChangeTracker:
     def upsert_service(self, raw: object) -> bool:
         """Record a Service (added or modified). True when its service became dirty."""
         ident = _raw_identity(raw)
-        if ident is not None:
+        if ident is not None and ident[2]:
             # A relist: Kubernetes bumps resourceVersion on every change, so an equal one is the same object.
             stored = self._services.get(ServiceKey(ident[0], ident[1]))
             if stored is not None and stored.resource_version == ident[2]:
@@ -102,11 +105,13 @@ class ChangeTracker:
     def upsert_slice(self, raw: object) -> bool:
         """Record an EndpointSlice (added or modified). True when a service became dirty."""
         ident = _raw_identity(raw)
+        stored = None
         if ident is not None:
             stored = self._slices.get((ident[0], ident[1]))
-            if stored is not None and stored.resource_version == ident[2]:
+            if stored is not None and ident[2] and stored.resource_version == ident[2]:
                 return False
-        parsed = parse_slice(raw)
+        # The stored version lets the parser reuse what did not change (most endpoints of an update).
+        parsed = parse_slice(raw, stored)
         if isinstance(parsed, Skip):
             self._report((SLICE_KIND, parsed.namespace, parsed.name), (parsed,))
             if parsed.namespace and parsed.name:
@@ -115,17 +120,18 @@ class ChangeTracker:
         self._report((SLICE_KIND, parsed.namespace, parsed.name), parsed.skips)
         if parsed.ignored:
             return self._drop_slice(parsed.namespace, parsed.name)
-        slice_id = (parsed.namespace, parsed.name)
-        old = self._slices.get(slice_id)
-        self._slices[slice_id] = parsed
-        self._slices_by_service.setdefault(parsed.service_key, {})[parsed.name] = parsed
-        if old == parsed:
+        old = stored  # parsing succeeded, so the identity read above was this slice's
+        self._slices[(parsed.namespace, parsed.name)] = parsed
+        key = parsed.service_key
+        self._index(key, parsed)
+        # Other addresses (most updates) mean other endpoints: no need to compare them one by one.
+        if old is not None and old.address_ids == parsed.address_ids and old == parsed:
             return False
         if old is not None and old.service_name != parsed.service_name:
             # Relabelled: the old service loses these endpoints, the new one gains them.
             self._unindex(old)
-            return self._slice_changed(old.service_key, parsed.service_key)
-        return self._slice_changed(parsed.service_key)
+            return self._slice_changed(old.service_key, key)
+        return self._slice_changed(key)
 
     def delete_slice(self, namespace: str, name: str) -> bool:
         """Record an EndpointSlice deletion. True when a service became dirty."""
@@ -160,8 +166,7 @@ class ChangeTracker:
         service = self._services.get(key)
         if service is not None and service.proxy_name_label:
             service = None
-        slices = self._slices_by_service.get(key, {})
-        return service, [slices[name] for name in sorted(slices)]
+        return service, list(self._slices_by_service.get(key, ()))
 
     def desired(
         self, key: ServiceKey, ctx: TranslationContext
@@ -241,17 +246,34 @@ class ChangeTracker:
         self._unindex(old)
         return self._slice_changed(old.service_key)
 
+    def _index(self, key: ServiceKey, parsed: SliceInfo) -> None:
+        """Put ``parsed`` in its service's slices, replacing the one of that name."""
+        slices = self._slices_by_service.get(key, ())
+        if len(slices) == 1 and slices[0].name == parsed.name:
+            self._slices_by_service[key] = (parsed,)  # the common case: the service's only slice
+            return
+        if not slices and (service := self._services.get(key)) is not None:
+            key = service.key  # a new entry: keyed by the service's own key object, not one more copy
+        others = [s for s in slices if s.name != parsed.name]
+        others.append(parsed)
+        others.sort(key=_slice_name)
+        self._slices_by_service[key] = tuple(others)
+
     def _unindex(self, old: SliceInfo) -> None:
         key = old.service_key
         slices = self._slices_by_service.get(key)
         if slices is None:
             return
-        slices.pop(old.name, None)
-        if not slices:
+        remaining = tuple(s for s in slices if s.name != old.name)
+        if remaining:
+            self._slices_by_service[key] = remaining
+        else:
             del self._slices_by_service[key]
 
     def _report(self, ident: _ObjectId, skips: tuple[Skip, ...]) -> None:
         """Make ``skips`` the object's current ones; those it did not have already are new reports."""
+        if not skips and ident not in self._active_skips:
+            return  # the common case: nothing to report, nothing to forget
         current = frozenset(skips)
         previous = self._active_skips.get(ident, frozenset())
         for skip in dict.fromkeys(skips):
@@ -264,12 +286,17 @@ class ChangeTracker:
             self._active_skips.pop(ident, None)
 
 
+def _slice_name(endpoint_slice: SliceInfo) -> str:
+    return endpoint_slice.name
+
+
 def _raw_identity(raw: object) -> tuple[str, str, str] | None:
-    """(namespace, name, resourceVersion) of a raw object when all three are non-empty strings."""
-    meta = raw.get("metadata") if isinstance(raw, Mapping) else None
-    if not isinstance(meta, Mapping):
+    """(namespace, name, resourceVersion) of a raw object whose namespace and name are non-empty strings;
+    the version is "" unless it is a non-empty string too."""
+    meta = raw.get("metadata") if isinstance(raw, dict | Mapping) else None
+    if not isinstance(meta, dict | Mapping):
         return None
     namespace, name, version = meta.get("namespace"), meta.get("name"), meta.get("resourceVersion")
-    if isinstance(namespace, str) and isinstance(name, str) and isinstance(version, str):
-        return (namespace, name, version) if namespace and name and version else None
-    return None
+    if not isinstance(namespace, str) or not isinstance(name, str) or not namespace or not name:
+        return None
+    return namespace, name, version if isinstance(version, str) else ""

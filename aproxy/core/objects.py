@@ -23,11 +23,12 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import operator
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv6Address, ip_address
-from typing import Any, Final, NamedTuple, TypeGuard
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any, Final, NamedTuple, TypeGuard, TypeVar
 
 from aproxy.core.model import SCHEDULERS, IPAddress, L4Protocol, RealServer, ServiceKey
 
@@ -49,6 +50,8 @@ _PROTOCOLS: Final = {protocol.value: protocol for protocol in L4Protocol}
 _ADDRESS_FAMILIES: Final = {"IPv4": 4, "IPv6": 6, "FQDN": 0}
 # Shared: an empty frozenset is not a singleton in CPython and costs 216 bytes per endpoint otherwise.
 _NO_HINTS: Final[frozenset[str]] = frozenset()
+_T = TypeVar("_T")
+_NO_SKIPS: Final[tuple[Skip, ...]] = ()
 
 
 class Severity(enum.StrEnum):
@@ -109,6 +112,10 @@ class ServiceInfo:
     internal_local: bool = False  # internalTrafficPolicy: Local
     scheduler: str | None = None  # a valid aproxy.io/scheduler annotation; None = the node's default
     skips: tuple[Skip, ...] = ()  # warnings: parts ignored, the rest stands
+    # Not part of the value: aproxy.core.translate keeps here what it derives from this service alone (its
+    # virtual server keys, port names, bind addresses, for one TranslationContext), so that translating the
+    # service again after a change of its endpoints only chooses real servers.
+    translation_memo: object = field(default=None, init=False, compare=False, repr=False)
 
     @property
     def yields_nothing(self) -> bool:
@@ -145,14 +152,22 @@ class SliceInfo:
     ports: tuple[SlicePort, ...] = ()
     endpoints: tuple[Endpoint, ...] = ()
     skips: tuple[Skip, ...] = ()  # warnings: endpoints and ports skipped alone
-    # real_servers[i][j]: endpoint j as a real server on ports[i]. Made once here, at intake, so that a
+    # Derived, computed here unless given (parse_slice gives them, partly reused from the previous version).
+    # real_servers[i][j]: endpoint j as a real server on ports[i]. Made once, at intake, so that a
     # translation selects ready-made objects instead of allocating 100,000 of them for a big cluster (and
     # every translation of this slice shares them).
-    real_servers: tuple[tuple[RealServer, ...], ...] = field(init=False, compare=False, repr=False)
+    real_servers: tuple[tuple[RealServer, ...], ...] = field(default=(), compare=False, repr=False)
+    # address_ids[j]: int(endpoints[j].address). Translation sorts and de-duplicates on these (an int hashes
+    # and compares in C; an address does both in Python), and the next version of the slice finds its
+    # unchanged endpoints by them.
+    address_ids: tuple[int, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        reals = tuple(tuple(RealServer(e.address, p.port) for e in self.endpoints) for p in self.ports)
-        object.__setattr__(self, "real_servers", reals)  # frozen: the documented way to set a derived field
+        # frozen: object.__setattr__ is the documented way to set a derived field
+        if len(self.real_servers) != len(self.ports):
+            object.__setattr__(self, "real_servers", _real_servers(self.ports, self.endpoints))
+        if len(self.address_ids) != len(self.endpoints):
+            object.__setattr__(self, "address_ids", tuple(int(e.address) for e in self.endpoints))
 
     @property
     def service_key(self) -> ServiceKey:
@@ -187,6 +202,8 @@ def _is_int(value: object) -> TypeGuard[int]:
 
 
 def _mapping(value: object, path: str) -> Mapping[str, Any]:
+    if type(value) is dict:  # what JSON and YAML decode to, checked without the ABC machinery
+        return value
     if not isinstance(value, Mapping):
         raise _Invalid(f"{path} is not an object: {_show(value)}")
     return value
@@ -248,11 +265,55 @@ def _port_number(obj: Mapping[str, Any], key: str, path: str) -> int:
 
 def parse_ip(value: object) -> IPAddress | None:
     """A canonical address, or None for anything else (zoned and IPv4-mapped IPv6 addresses included)."""
-    return _parse_ip_text(value) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    number = _ipv4_int(value)
+    return _parse_ip_text(value) if number is None else IPv4Address(number)
 
 
-# Cached: a slice update re-sends all its endpoints, and the same few thousand pod and service addresses come
-# back again and again; the cache also makes equal addresses share one object.
+# Dotted-quad IPv4, the common case, without ipaddress' general parser (about 2 µs an address). A canonical
+# octet is exactly one of the strings "0".."255": the table also rejects what ipaddress rejects (leading
+# zeros, signs, spaces, non-ASCII digits). The first three octets are looked up whole: a cluster's pod and
+# service addresses share a few thousand /24 prefixes, so the table stays small however many addresses
+# there are (an address cache would have to hold every address, text included, to help a large cluster).
+_OCTETS: Final[dict[str, int]] = {str(octet): octet for octet in range(256)}
+_IPV4_PREFIXES: dict[str, int] = {}  # "10.244.1" -> 0x0AF40100
+_IPV4_PREFIXES_MAX: Final = 1 << 14
+
+
+def _ipv4_int(text: str) -> int | None:
+    """The integer value of ``text`` if it is a canonical dotted-quad IPv4 address; None for anything else
+    (which may still be an IPv6 address: ``_parse_ip_text`` decides)."""
+    prefix, _, last = text.rpartition(".")
+    low = _OCTETS.get(last)
+    if low is None:
+        return None
+    high = _IPV4_PREFIXES.get(prefix)
+    if high is None:
+        high = _ipv4_prefix(prefix)
+        if high is None:
+            return None
+    return high | low
+
+
+def _ipv4_prefix(prefix: str) -> int | None:
+    parts = prefix.split(".")
+    if len(parts) != 3:
+        return None
+    value = 0
+    for part in parts:
+        octet = _OCTETS.get(part)
+        if octet is None:
+            return None
+        value = value << 8 | octet
+    if len(_IPV4_PREFIXES) >= _IPV4_PREFIXES_MAX:
+        _IPV4_PREFIXES.clear()  # bounded against a hostile stream; rebuilt at a few µs a prefix
+    _IPV4_PREFIXES[prefix] = value << 8
+    return value << 8
+
+
+# Cached: IPv6 addresses (and invalid text) take ipaddress' general parser; the same addresses come back with
+# every update of their slice, and the cache also makes equal addresses share one object.
 @functools.lru_cache(maxsize=1 << 15)
 def _parse_ip_text(text: str) -> IPAddress | None:
     try:
@@ -283,6 +344,21 @@ class _Header(NamedTuple):
 
 
 def _header(raw: object) -> _Header:
+    if raw.__class__ is dict:
+        # The common, well-formed case, read inline (every watch event comes here): the same result as below.
+        meta = raw.get("metadata")
+        if meta.__class__ is dict:
+            name, namespace = meta.get("name"), meta.get("namespace")
+            version, labels = meta.get("resourceVersion"), meta.get("labels")
+            if (
+                name.__class__ is str
+                and name
+                and namespace.__class__ is str
+                and namespace
+                and (version is None or version.__class__ is str)
+                and (labels is None or labels.__class__ is dict)
+            ):
+                return _Header(raw, meta, namespace, name, version or "", {} if labels is None else labels)
     obj = _mapping(raw, "object")
     meta = _mapping(obj.get("metadata"), "metadata")
     name = _required_name(meta, "name")
@@ -371,8 +447,23 @@ def _service_ports(value: object) -> tuple[ServicePort, ...]:
             if (port.protocol, port.node_port) in seen_node_ports:
                 raise _Invalid(f"duplicate nodePort {port.node_port}/{port.protocol.value}")
             seen_node_ports.add((port.protocol, port.node_port))
-        ports.append(port)
-    return tuple(ports)
+        ports.append(_shared(_SERVICE_PORTS, port))
+    return _shared(_SERVICE_PORT_TUPLES, tuple(ports))
+
+
+# Equal service ports (and port lists) share one object: most services of a cluster have one of a few.
+_SERVICE_PORTS: dict[ServicePort, ServicePort] = {}
+_SERVICE_PORT_TUPLES: dict[tuple[ServicePort, ...], tuple[ServicePort, ...]] = {}
+
+
+def _shared(table: dict[_T, _T], value: _T) -> _T:
+    """``value``, or an equal one met before (immutable values only). The table is bounded."""
+    shared = table.get(value)
+    if shared is None:
+        if len(table) >= _SHARED_MAX:
+            table.clear()
+        table[value] = shared = value
+    return shared
 
 
 def _service_port(item: object, path: str) -> ServicePort:
@@ -459,19 +550,23 @@ def _scheduler(annotations: Mapping[str, Any], warnings: list[str]) -> str | Non
 # --- EndpointSlices -----------------------------------------------------------------------------------------
 
 
-def parse_slice(raw: object) -> SliceInfo | Skip:
+def parse_slice(raw: object, previous: SliceInfo | None = None) -> SliceInfo | Skip:
     """An EndpointSlice (discovery.k8s.io/v1) -> ``SliceInfo``, or a ``Skip`` (never raises).
 
     Bad endpoints and ports are skipped alone: they are left out and listed in ``SliceInfo.skips``.
+
+    ``previous`` (the last parsed version of the same slice) only saves work, never changes the result: an
+    update usually changes a few endpoints of many, and for the others the values already made (endpoint,
+    address, real servers) are taken from it instead of being made again.
     """
     try:
-        return _parse_slice(raw)
+        return _parse_slice(raw, previous)
     except _Invalid as invalid:
         namespace, name = _identity(raw)
         return Skip(SLICE_KIND, namespace, name, invalid.reason)
 
 
-def _parse_slice(raw: object) -> SliceInfo:
+def _parse_slice(raw: object, previous: SliceInfo | None) -> SliceInfo:
     obj, _, namespace, name, resource_version, labels = _header(raw)
     service_name = labels.get(SERVICE_NAME_LABEL)
     if not isinstance(service_name, str) or not service_name:
@@ -482,9 +577,28 @@ def _parse_slice(raw: object) -> SliceInfo:
     ignored = HEADLESS_LABEL in labels or SERVICE_PROXY_NAME_LABEL in labels
     if ignored or address_type == "FQDN":
         return SliceInfo(namespace, name, service_name, address_type, resource_version, ignored=ignored)
+    if previous is not None and previous.address_type != address_type:
+        previous = None  # its addresses are of the other family: nothing to share
     warnings: list[str] = []
     ports = _slice_ports(obj.get("ports"), warnings)
-    endpoints = _endpoints(obj.get("endpoints"), _ADDRESS_FAMILIES[address_type], warnings)
+    endpoints = _endpoints(obj.get("endpoints"), _ADDRESS_FAMILIES[address_type], previous, warnings)
+    skips = _NO_SKIPS
+    if warnings:
+        skips = tuple(Skip(SLICE_KIND, namespace, name, reason, Severity.WARNING) for reason in warnings)
+    if previous is not None and ports == previous.ports and endpoints.same_as(previous.endpoints):
+        # Nothing translation reads changed (a relist, or an update of fields aproxy ignores): share it all.
+        return SliceInfo(
+            namespace,
+            name,
+            service_name,
+            address_type,
+            resource_version,
+            ports=previous.ports,
+            endpoints=previous.endpoints,
+            skips=skips,
+            real_servers=previous.real_servers,
+            address_ids=previous.address_ids,
+        )
     return SliceInfo(
         namespace,
         name,
@@ -492,14 +606,25 @@ def _parse_slice(raw: object) -> SliceInfo:
         address_type,
         resource_version,
         ports=ports,
-        endpoints=endpoints,
-        skips=tuple(Skip(SLICE_KIND, namespace, name, reason, Severity.WARNING) for reason in warnings),
+        endpoints=tuple(endpoints.endpoints),
+        skips=skips,
+        real_servers=_real_servers(ports, endpoints.endpoints, endpoints.origins, previous),
+        address_ids=tuple(endpoints.ids),
     )
 
 
 def _slice_ports(value: object, warnings: list[str]) -> tuple[SlicePort, ...]:
+    items = _optional_list(value, "ports")
+    if len(items) == 1:
+        known = _known_slice_port(items[0])
+        if known is not None:
+            return known  # the common case: one port, and a tuple shared by every slice with that port
     ports: list[SlicePort] = []
-    for index, item in enumerate(_optional_list(value, "ports")):
+    for index, item in enumerate(items):
+        known = _known_slice_port(item)
+        if known is not None:
+            ports.append(known[0])
+            continue
         try:
             port = _slice_port(item, f"ports[{index}]")
         except _Invalid as invalid:
@@ -508,6 +633,35 @@ def _slice_ports(value: object, warnings: list[str]) -> tuple[SlicePort, ...]:
         if port is not None:
             ports.append(port)
     return tuple(ports)
+
+
+# (name, protocol, port) as written -> (the SlicePort,): a cluster has a few distinct slice ports, and every
+# slice update re-sends its own. Only well-typed values are keys (True == 1 must not find port 1), only valid
+# ports are stored, and the table is bounded.
+_SLICE_PORTS: dict[tuple[str, str, int], tuple[SlicePort]] = {}
+_SHARED_MAX: Final = 1 << 12
+
+
+def _known_slice_port(item: object) -> tuple[SlicePort] | None:
+    """``(SlicePort,)`` for ``item`` if it is a plain, valid port; None: ``_slice_port`` decides (to the same
+    result, to "all ports", or to the reason it is skipped)."""
+    if type(item) is not dict:
+        return None
+    name, protocol, number = item.get("name"), item.get("protocol"), item.get("port")
+    if name is None:
+        name = ""
+    if protocol is None:
+        protocol = L4Protocol.TCP.value
+    if type(name) is not str or type(protocol) is not str or type(number) is not int:
+        return None
+    key = (name, protocol, number)
+    known = _SLICE_PORTS.get(key)
+    if known is None and protocol in _PROTOCOLS and 1 <= number <= MAX_PORT:
+        known = (SlicePort(sys.intern(name), _PROTOCOLS[protocol], number),)
+        if len(_SLICE_PORTS) >= _SHARED_MAX:
+            _SLICE_PORTS.clear()
+        _SLICE_PORTS[key] = known
+    return known
 
 
 def _slice_port(item: object, path: str) -> SlicePort | None:
@@ -519,14 +673,163 @@ def _slice_port(item: object, path: str) -> SlicePort | None:
     return SlicePort(sys.intern(name), protocol, _port_number(obj, "port", path))
 
 
-def _endpoints(value: object, family: int, warnings: list[str]) -> tuple[Endpoint, ...]:
+class _Endpoints(NamedTuple):
+    """A slice's valid endpoints, parsed against the previous version of the slice (``_endpoints``)."""
+
+    endpoints: list[Endpoint]
+    ids: list[int]  # int(address) of each
+    # The index of the previous version's endpoint with the same address (-1: none). An endpoint equal to
+    # that one is that very object; a changed one shares its address object, and ``_real_servers`` shares
+    # its real servers.
+    origins: list[int]
+
+    def same_as(self, earlier: tuple[Endpoint, ...]) -> bool:
+        """The very endpoints of ``earlier``, in its order."""
+        return len(self.endpoints) == len(earlier) and all(map(operator.is_, self.endpoints, earlier))
+
+
+# What ``_plain_endpoint`` reads: (address or None, address id, ready, serving, terminating, node name or
+# None (not yet interned), zone hints). The address is None for IPv4: it is made only if no previous
+# endpoint has it.
+_PlainEndpoint = tuple[IPAddress | None, int, bool, bool, bool, str | None, frozenset[str]]
+
+
+def _endpoints(value: object, family: int, previous: SliceInfo | None, warnings: list[str]) -> _Endpoints:
+    """The valid endpoints of ``value``; each invalid one becomes a warning. Intake's hottest loop: a watch
+    event of a 100-endpoint slice runs it 100 times."""
     endpoints: list[Endpoint] = []
+    ids: list[int] = []
+    origins: list[int] = []
+    earlier = previous.endpoints if previous is not None else ()
+    earlier_ids = previous.address_ids if previous is not None else ()
+    known: dict[int, int] | None = None  # address id -> index in earlier, made when first needed
     for index, item in enumerate(_optional_list(value, "endpoints")):
-        try:
-            endpoints.append(_endpoint(item, family, f"endpoints[{index}]"))
-        except _Invalid as invalid:
-            warnings.append(invalid.reason)
-    return tuple(endpoints)
+        plain = _plain_endpoint(item, family) if item.__class__ is dict else None
+        if plain is None:
+            try:
+                parsed = _endpoint(item, family, f"endpoints[{index}]")
+            except _Invalid as invalid:
+                warnings.append(invalid.reason)
+                continue
+            address: IPAddress | None = parsed.address
+            ident = int(parsed.address)
+            ready, serving, terminating = parsed.ready, parsed.serving, parsed.terminating
+            node, zone_hints = parsed.node_name, parsed.zone_hints
+        else:
+            address, ident, ready, serving, terminating, node, zone_hints = plain
+        # The previous version's endpoint with this address: usually the one at the same position (an
+        # update rarely reorders a slice).
+        position = len(ids)
+        if position < len(earlier_ids) and earlier_ids[position] == ident:
+            origin = position
+        else:
+            if known is None:
+                known = dict(zip(earlier_ids, range(len(earlier_ids)), strict=True))
+            origin = known.get(ident, -1)
+        if origin < 0:
+            if address is None:
+                address = IPv4Address(ident)
+            # Node names interned: thousands of endpoints share a handful.
+            node = node and sys.intern(node)
+            endpoint = Endpoint(address, ready, serving, terminating, node, zone_hints)
+        else:
+            endpoint = earlier[origin]
+            if not (
+                endpoint.ready is ready
+                and endpoint.serving is serving
+                and endpoint.terminating is terminating
+                and endpoint.node_name == node
+                and endpoint.zone_hints == zone_hints
+            ):
+                endpoint = Endpoint(
+                    endpoint.address, ready, serving, terminating, node and sys.intern(node), zone_hints
+                )
+        endpoints.append(endpoint)
+        ids.append(ident)
+        origins.append(origin)
+    return _Endpoints(endpoints, ids, origins)
+
+
+def _plain_endpoint(item: dict[str, Any], family: int) -> _PlainEndpoint | None:
+    """What ``_endpoint`` reads from ``item``, if ``item`` has the common, well-formed shape (plain dicts and
+    lists, strings, booleans, a dotted-quad IPv4 or a cached address) and is valid. None for anything else:
+    ``_endpoint`` then gives the same result or the precise reason to skip it. So this accepts exactly what
+    ``_endpoint`` accepts, in a fraction of the time (it is read inline: no helper calls on the way)."""
+    addresses = item.get("addresses")
+    if addresses.__class__ is not list or not addresses:
+        return None
+    text = addresses[0]
+    if text.__class__ is not str:
+        return None
+    conditions = item.get("conditions")
+    if conditions is None:
+        ready = serving = True
+        terminating = False
+    elif conditions.__class__ is dict:
+        # Unset (absent or null) conditions take their defaults; anything but a boolean is invalid.
+        ready = conditions.get("ready", True)
+        if ready is not True and ready is not False:
+            if ready is not None:
+                return None
+            ready = True
+        serving = conditions.get("serving", True)
+        if serving is not True and serving is not False:
+            if serving is not None:
+                return None
+            serving = True
+        terminating = conditions.get("terminating", False)
+        if terminating is not True and terminating is not False:
+            if terminating is not None:
+                return None
+            terminating = False
+    else:
+        return None
+    node = item.get("nodeName")
+    if node is not None:
+        if node.__class__ is not str:
+            return None
+        node = node or None  # "": none
+    hints = item.get("hints")
+    zone_hints = _NO_HINTS if hints is None else _plain_zone_hints(hints)
+    if zone_hints is None:
+        return None
+    if family == 4:
+        prefix, _, last = text.rpartition(".")
+        high, low = _IPV4_PREFIXES.get(prefix), _OCTETS.get(last)
+        if high is None or low is None:
+            ident = _ipv4_int(text)  # a new /24 (or not an IPv4 address)
+            if ident is None:
+                return None
+        else:
+            ident = high | low
+        return None, ident, ready, serving, terminating, node, zone_hints
+    address = _parse_ip_text(text)
+    if address is None or address.version != family:
+        return None
+    return address, int(address), ready, serving, terminating, node, zone_hints
+
+
+def _plain_zone_hints(value: object) -> frozenset[str] | None:
+    """``_zone_hints`` of plain, valid hints; None for anything else (``_zone_hints`` decides)."""
+    if type(value) is not dict:
+        return None
+    zones = value.get("forZones")
+    if zones is None:
+        return _NO_HINTS
+    if type(zones) is not list:
+        return None
+    names: set[str] = set()
+    for zone in zones:
+        if type(zone) is not dict:
+            return None
+        name = zone.get("name")
+        if name is None:
+            continue
+        if type(name) is not str:
+            return None
+        if name:
+            names.add(sys.intern(name))
+    return frozenset(names) if names else _NO_HINTS
 
 
 def _endpoint(item: object, family: int, path: str) -> Endpoint:
@@ -564,3 +867,35 @@ def _zone_hints(value: object, path: str) -> frozenset[str]:
         if name:
             names.add(sys.intern(name))
     return frozenset(names) if names else _NO_HINTS
+
+
+def _real_servers(
+    ports: tuple[SlicePort, ...],
+    endpoints: Sequence[Endpoint],
+    origins: Sequence[int] = (),
+    previous: SliceInfo | None = None,
+) -> tuple[tuple[RealServer, ...], ...]:
+    """``SliceInfo.real_servers``: each endpoint as a real server on each port. The real server of an
+    endpoint whose origin (see ``_Endpoints``) had one on the same port number is that one; ports with one
+    number (DNS: 53/UDP and 53/TCP) share one tuple."""
+    earlier: dict[int, tuple[RealServer, ...]] = {}
+    if previous is not None and origins:
+        earlier = {
+            port.port: reals for port, reals in zip(previous.ports, previous.real_servers, strict=True)
+        }
+    made: dict[int, tuple[RealServer, ...]] = {}
+    for port in ports:
+        number = port.port
+        if number in made:
+            continue
+        old = earlier.get(number)
+        if old is None:
+            made[number] = tuple([RealServer(e.address, number) for e in endpoints])
+        else:
+            made[number] = tuple(
+                [
+                    old[origin] if origin >= 0 else RealServer(e.address, number)
+                    for e, origin in zip(endpoints, origins, strict=True)
+                ]
+            )
+    return tuple(made[port.port] for port in ports)

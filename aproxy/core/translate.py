@@ -26,12 +26,15 @@ address. It is written ``flag-2``, the canonical name the backends use, so a ker
 ``sessionAffinity: ClientIP`` becomes the persistence timeout.
 
 Everything IP-related was parsed at intake (``objects``); translation only compares and groups, so a full
-translation of 10,000 services is fast and one service's costs only what that service has.
+translation of 10,000 services is fast and one service's costs only what that service has. A service
+translated again (its endpoints changed, the service did not) reuses its previous state's keys, port names
+and bind addresses, and only chooses real servers.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -80,8 +83,8 @@ class Translation:
     skips: tuple[Skip, ...] = ()
 
 
-# (port name, protocol, address family): the endpoints one service port has in one family.
-_Group = tuple[str, L4Protocol, int]
+# A group: the endpoints one service port has in one address family (the slice ports of its name and
+# protocol, in slices of that family).
 # int(address) << 16 | port -> (real server, endpoint): the de-duplicated candidates of one group. Within a
 # group all addresses have one family, so the integer orders like RealServerKey.sort_key() and, unlike an
 # address, hashes fast.
@@ -96,14 +99,22 @@ def translate_service(
     if service.proxy_name_label:
         return Translation(ServiceState(service.key))
     key = service.key
-    own = sorted(
-        (s for s in slices if not s.ignored and s.namespace == key.namespace and s.service_name == key.name),
-        key=lambda s: s.name,  # a deterministic winner among duplicate endpoints, whatever the input order
-    )
-    skips = service.skips + tuple(skip for s in own for skip in s.skips)
+    namespace, name = key.namespace, key.name
+    own = [s for s in slices if not s.ignored and s.namespace == namespace and s.service_name == name]
+    if len(own) > 1:
+        # A deterministic winner among duplicate endpoints, whatever the input order.
+        own.sort(key=_slice_name)
+    skips = service.skips
+    for endpoint_slice in own:
+        if endpoint_slice.skips:
+            skips += endpoint_slice.skips
     if service.yields_nothing:
         return Translation(ServiceState(key), skips)
     return Translation(_Builder(service, own, ctx).state(), skips)
+
+
+def _slice_name(endpoint_slice: SliceInfo) -> str:
+    return endpoint_slice.name
 
 
 def translate_all(
@@ -134,56 +145,97 @@ def translate_all(
     return states, tuple(skips)
 
 
-class _Builder:
-    """Builds one service's state; real-server tuples are computed once per (group, policy) and shared."""
+# ServiceInfo.translation_memo: (context, the service's last state translated in it, and per virtual server
+# of that state its code: service port index << 2 | 2 if IPv6 | 1 if policy Local). Translating the
+# service again (its endpoints changed) takes keys, spec, port names and bind addresses from that state and
+# only chooses real servers. Memory: a tuple of codes per service; the state is the one the Planner keeps.
+_Memo = tuple[TranslationContext, ServiceState, tuple[int, ...]]
+_CODES: dict[tuple[int, ...], tuple[int, ...]] = {}
+_CODES_MAX = 1 << 12
 
-    __slots__ = ("_candidates", "_ctx", "_reals", "_service")
+
+class _Builder:
+    """Builds one service's state; real-server tuples are computed once per code and shared."""
+
+    __slots__ = ("_ctx", "_reals", "_service", "_slices")
 
     def __init__(self, service: ServiceInfo, slices: list[SliceInfo], ctx: TranslationContext) -> None:
         self._service = service
+        self._slices = slices
         self._ctx = ctx
-        self._candidates = _candidates(service, slices, ctx.node_name)
-        self._reals: dict[tuple[_Group, bool], tuple[RealServer, ...]] = {}
+        self._reals: dict[int, tuple[RealServer, ...]] = {}
 
     def state(self) -> ServiceState:
-        service, ctx = self._service, self._ctx
-        spec = _spec(service.scheduler or ctx.default_scheduler, service.affinity_timeout)
-        families = {address.version for address in service.cluster_ips}
-        external = service.external_ips + service.lb_ips
-        node_addresses = (
-            [a for a in ctx.node_addresses if a.version in families] if service.node_ports else []
-        )
-        virtuals: dict[VirtualServerKey, VirtualServer] = {}
-        for port in service.ports:
-            port_name = f"{service.key}:{port.name}" if port.name else str(service.key)
-            targets = [(address, port.port, service.internal_local) for address in service.cluster_ips]
-            targets += [(address, port.port, service.external_local) for address in external]
-            if port.node_port:
-                targets += [(address, port.node_port, service.external_local) for address in node_addresses]
-            for address, number, local in targets:
-                vs_key = VirtualServerKey(port.protocol, address, number)
-                # An address listed twice (externalIP == LB IP) is one virtual server: the first one wins.
-                if vs_key not in virtuals:
-                    reals = self._real_servers((port.name, port.protocol, address.version), local)
-                    virtuals[vs_key] = VirtualServer(vs_key, spec, port_name, reals)
-        bind = set(service.cluster_ips)
-        # An external or LB IP that is a node address is served but not bound: binding it on the dummy
-        # device would steal the node's own address.
-        bind.update(address for address in external if address not in ctx.node_addresses)
-        return ServiceState(
-            service.key,
-            tuple(sorted(virtuals.values(), key=lambda vs: vs.key.sort_key())),
-            frozenset(bind),
-        )
+        service, ctx, real_servers = self._service, self._ctx, self._real_servers
+        memo = service.translation_memo
+        if isinstance(memo, tuple) and (memo[0] is ctx or memo[0] == ctx):
+            _, previous, codes = memo
+            virtuals = tuple(
+                [
+                    VirtualServer(virtual.key, virtual.spec, virtual.port_name, real_servers(code))
+                    for virtual, code in zip(previous.virtual_servers, codes, strict=True)
+                ]
+            )
+            bind = previous.bind_addresses
+        else:
+            targets, bind = _targets(service, ctx)
+            spec = _spec(service.scheduler or ctx.default_scheduler, service.affinity_timeout)
+            virtuals = tuple(
+                [VirtualServer(key, spec, name, real_servers(code)) for key, name, code in targets]
+            )
+            codes = tuple([code for _, _, code in targets])
+            codes = _CODES.setdefault(codes, codes)  # a cluster has a few distinct ones: share them
+            if len(_CODES) > _CODES_MAX:
+                _CODES.clear()
+        state = ServiceState(service.key, virtuals, bind)
+        new_memo: _Memo = (ctx, state, codes)
+        # A cache on a frozen value (see ServiceInfo.translation_memo): not compared, not part of the value.
+        object.__setattr__(service, "translation_memo", new_memo)
+        return state
 
-    def _real_servers(self, group: _Group, local: bool) -> tuple[RealServer, ...]:
-        cached = self._reals.get((group, local))
+    def _real_servers(self, code: int) -> tuple[RealServer, ...]:
+        cached = self._reals.get(code)
         if cached is None:
-            candidates = self._candidates.get(group, {})
-            chosen = _local(candidates, self._ctx.node_name) if local else _cluster(candidates, self._ctx)
-            cached = tuple(chosen[ident][0] for ident in sorted(chosen))
-            self._reals[(group, local)] = cached
+            port = self._service.ports[code >> 2]
+            contributors = _contributors(port.name, port.protocol, 6 if code & 2 else 4, self._slices)
+            local = bool(code & 1)
+            if not local and len(contributors) == 1:
+                endpoint_slice, port_index = contributors[0]
+                cached = _single_slice(endpoint_slice, port_index, self._ctx.node_zone)
+            if cached is None:
+                candidates = _candidates(contributors, self._ctx.node_name)
+                chosen = _local(candidates, self._ctx.node_name) if local else _cluster(candidates, self._ctx)
+                cached = tuple([chosen[ident][0] for ident in sorted(chosen)])
+            self._reals[code] = cached
         return cached
+
+
+def _targets(
+    service: ServiceInfo, ctx: TranslationContext
+) -> tuple[list[tuple[VirtualServerKey, str, int]], frozenset[IPAddress]]:
+    """The service's virtual servers in state order (sorted by key, each key once) as (key, port name,
+    code; see _Memo), and its bind addresses."""
+    families = {address.version for address in service.cluster_ips}
+    external = service.external_ips + service.lb_ips
+    node_addresses = [a for a in ctx.node_addresses if a.version in families] if service.node_ports else []
+    targets: dict[VirtualServerKey, tuple[VirtualServerKey, str, int]] = {}
+    for index, port in enumerate(service.ports):
+        port_name = f"{service.key}:{port.name}" if port.name else str(service.key)
+        addresses = [(address, port.port, service.internal_local) for address in service.cluster_ips]
+        addresses += [(address, port.port, service.external_local) for address in external]
+        if port.node_port:
+            addresses += [(address, port.node_port, service.external_local) for address in node_addresses]
+        for address, number, local in addresses:
+            vs_key = VirtualServerKey(port.protocol, address, number)
+            # An address listed twice (externalIP == LB IP) is one virtual server: the first one wins.
+            if vs_key not in targets:
+                code = index << 2 | (2 if address.version == 6 else 0) | (1 if local else 0)
+                targets[vs_key] = (vs_key, port_name, code)
+    bind = set(service.cluster_ips)
+    # An external or LB IP that is a node address is served but not bound: binding it on the dummy
+    # device would steal the node's own address.
+    bind.update(address for address in external if address not in ctx.node_addresses)
+    return [targets[vs_key] for vs_key in sorted(targets, key=VirtualServerKey.sort_key)], frozenset(bind)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -193,26 +245,59 @@ def _spec(scheduler: str, persistence_timeout: int) -> VirtualServerSpec:
     return VirtualServerSpec(scheduler, persistence_timeout, flags)
 
 
-def _candidates(service: ServiceInfo, slices: list[SliceInfo], node_name: str) -> dict[_Group, _Candidates]:
-    """Endpoints per group, each (address, port) once: the copy that is ready wins, then one that is
-    serving and terminating, then one on this node (kube-proxy's tie-break), then the first slice by name."""
-    wanted = {(port.name, port.protocol) for port in service.ports}
-    families = {address.version for address in service.cluster_ips}
-    groups: dict[_Group, _Candidates] = {}
-    for endpoint_slice in slices:
-        family = endpoint_slice.family
-        if family not in families:  # FQDN (0) too
-            continue
-        for slice_port, reals in zip(endpoint_slice.ports, endpoint_slice.real_servers, strict=True):
-            if (slice_port.name, slice_port.protocol) not in wanted:
-                continue
-            group = groups.setdefault((slice_port.name, slice_port.protocol, family), {})
-            for real, endpoint in zip(reals, endpoint_slice.endpoints, strict=True):
-                ident = int(real.address) << 16 | real.port
-                previous = group.get(ident)
-                if previous is None or _rank(endpoint, node_name) > _rank(previous[1], node_name):
-                    group[ident] = (real, endpoint)
-    return groups
+def _contributors(
+    name: str, protocol: L4Protocol, family: int, slices: list[SliceInfo]
+) -> list[tuple[SliceInfo, int]]:
+    """A group's sources: (slice, index of the slice port with the name and protocol of the service port),
+    slices in name order. (Compared, not hashed: a service has a few ports.)"""
+    return [
+        (endpoint_slice, index)
+        for endpoint_slice in slices
+        if endpoint_slice.family == family  # FQDN slices (0) never match
+        for index, slice_port in enumerate(endpoint_slice.ports)
+        if slice_port.protocol is protocol and slice_port.name == name
+    ]
+
+
+_ready = operator.attrgetter("ready")
+_zone_hints = operator.attrgetter("zone_hints")
+
+
+def _single_slice(
+    endpoint_slice: SliceInfo, port_index: int, zone: str | None
+) -> tuple[RealServer, ...] | None:
+    """The real servers of a group that one slice port alone provides, under policy Cluster, in the common
+    case: each address once, some endpoint ready, zone hints not in play. None otherwise (the general rules
+    below apply). Equal to what they give in that case: the ready endpoints, sorted by address."""
+    ids, endpoints = endpoint_slice.address_ids, endpoint_slice.endpoints
+    if len(set(ids)) != len(ids):
+        return None  # copies of an address: the general rules choose one
+    if all(map(_ready, endpoints)):
+        ready: Iterable[int] = range(len(endpoints))
+        if zone is not None and endpoints and all(map(_zone_hints, endpoints)):
+            return None  # every endpoint hinted: the hints may apply
+    else:
+        ready = [index for index, endpoint in enumerate(endpoints) if endpoint.ready]
+        if not ready:
+            return None  # the serving-and-terminating fallback
+        if zone is not None and all(endpoints[index].zone_hints for index in ready):
+            return None
+    reals = endpoint_slice.real_servers[port_index]
+    return tuple(map(reals.__getitem__, sorted(ready, key=ids.__getitem__)))
+
+
+def _candidates(contributors: Iterable[tuple[SliceInfo, int]], node_name: str) -> _Candidates:
+    """A group's endpoints, each (address, port) once: the copy that is ready wins, then one that is serving
+    and terminating, then one on this node (kube-proxy's tie-break), then the first slice by name."""
+    group: _Candidates = {}
+    for endpoint_slice, port_index in contributors:
+        reals, endpoints = endpoint_slice.real_servers[port_index], endpoint_slice.endpoints
+        for real, endpoint, address_id in zip(reals, endpoints, endpoint_slice.address_ids, strict=True):
+            ident = address_id << 16 | real.port
+            previous = group.get(ident)
+            if previous is None or _rank(endpoint, node_name) > _rank(previous[1], node_name):
+                group[ident] = (real, endpoint)
+    return group
 
 
 def _rank(endpoint: Endpoint, node_name: str) -> tuple[bool, bool, bool]:
