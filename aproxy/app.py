@@ -13,6 +13,8 @@ any task failing cancels the others and ``run`` returns 1 after logging which ta
   ``drain_check_period`` while anything drains. A due sync always goes first, so an audit or a drain check
   delays a sync by at most its own duration.
 - ``web``: ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics`` (aproxy.web.server).
+- ``node`` (Kubernetes source only): watches this node's Node object; while it is being deleted, tainted
+  ``ToBeDeletedByClusterAutoscaler`` or gone, ``/healthz`` answers 503 with ``nodeEligible: false``.
 - ``stop``: waits for the stop event.
 
 A failed sync is retried after tenacity's exponential backoff with jitter (``SyncRetry``: 1 s, 2 s, 4 s, ...
@@ -26,6 +28,7 @@ Stopping leaves the kernel rules in place: a restart must not drop traffic (and 
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -244,6 +247,11 @@ class Daemon:
         self._backend = backend
         self._intake = _Intake(self.tracker, self._changed)
         self._kube_config: Configuration | None = None  # with the Kubernetes source
+        # The node watch (Kubernetes source only) and what it last said; manifest sources: always eligible.
+        self._watch_node: Callable[[], Coroutine[Any, Any, None]] | None = None
+        self.node_eligible = True
+        self.node_reason = ""
+        self._node_addresses: frozenset[IPAddress] | None = None  # the last seen (or programmed) ones
         self._wake = asyncio.Event()
         self._pass_done = asyncio.Event()
         self._needs_full = True  # the next sync is Syncer.start: the first one, or after a wholesale failure
@@ -278,6 +286,8 @@ class Daemon:
                 group.create_task(self._guard("source", self._feed(source)), name="aproxy-source")
                 group.create_task(self._guard("kernel", self._kernel(backend)), name="aproxy-kernel")
                 group.create_task(_stop_on(stop), name="aproxy-stop")
+                if self._watch_node is not None:
+                    group.create_task(self._guard("node", self._watch_node()), name="aproxy-node")
         except* StopRequested:
             log.info("stopped; the kernel rules stay in place")
         except* DaemonTaskFailed:
@@ -315,7 +325,9 @@ class Daemon:
             self._kube_config = await kubernetes.load_config(self.settings.kubeconfig, self.settings.master)
         except kubernetes.KubernetesConfigError as exc:
             raise StartupError(str(exc)) from exc
-        return kubernetes.KubernetesSource(self._kube_config)
+        source = kubernetes.KubernetesSource(self._kube_config)
+        self._watch_node = functools.partial(source.watch_node, self.settings.node_name, self._node_changed)
+        return source
 
     async def _feed(self, source: Source) -> None:
         await source.run(self._intake)
@@ -452,6 +464,8 @@ class Daemon:
         if not addresses and self._kube_config is not None:
             node = await self._read_node()
             addresses, zone = node.addresses, zone or node.zone
+            # What is programmed: the node watch warns when the Node's addresses move away from it.
+            self._node_addresses = frozenset(addresses)
         if not addresses:
             log.warning("no node address known: NodePort virtual servers are not programmed")
         log.info(
@@ -484,6 +498,40 @@ class Daemon:
                     return await kubernetes.read_node(CoreV1Api(client), self.settings.node_name)
         raise AssertionError("unreachable: AsyncRetrying without a stop either returns or raises")
 
+    # --- the node watch ------------------------------------------------------------------------------------
+
+    def _node_changed(self, node: NodeInfo | None) -> None:
+        """The node watch's callback: eligibility for /healthz, and a warning when the addresses move."""
+        if node is None:
+            eligible, reason = False, "gone (no Node object)"
+        else:
+            eligible, reason = node.eligibility.eligible, node.eligibility.reason
+            self._node_addresses_seen(frozenset(node.addresses))
+        if (eligible, reason) == (self.node_eligible, self.node_reason):
+            return
+        self.node_eligible, self.node_reason = eligible, reason
+        if eligible:
+            log.info(
+                "this node is eligible again: /healthz follows the sync loop",
+                extra={"node": self.settings.node_name},
+            )
+        else:
+            log.info(
+                "this node is not eligible: /healthz answers 503",
+                extra={"node": self.settings.node_name, "reason": reason},
+            )
+
+    def _node_addresses_seen(self, addresses: frozenset[IPAddress]) -> None:
+        if self.settings.node_ips:
+            return  # addresses given by flag: the Node's do not matter
+        previous, self._node_addresses = self._node_addresses, addresses
+        if previous is not None and addresses != previous:
+            # Like kube-proxy, NodePorts are not moved live: that would need a full reprogramming.
+            log.warning(
+                "this node's addresses changed; NodePorts stay on the old ones until aproxy restarts",
+                extra={"old": _joined(previous), "new": _joined(addresses)},
+            )
+
     # --- intake side ---------------------------------------------------------------------------------------
 
     def _changed(self) -> None:
@@ -509,6 +557,8 @@ class Daemon:
             scheduler.last_success,
             self.settings.sync_period,
             self.initial_sync_done,
+            node_eligible=self.node_eligible,
+            node_reason=self.node_reason,
         )
         return HealthSnapshot(verdict, self.stats.last_sync_wall, time.time())
 
@@ -534,6 +584,10 @@ def _log_report(report: SyncReport, retry_delay: float) -> None:
         log.info("synced", extra=fields)
     else:
         log.debug("synced", extra=fields)
+
+
+def _joined(addresses: frozenset[IPAddress]) -> str:
+    return ",".join(str(address) for address in sorted(addresses, key=lambda a: (a.version, a)))
 
 
 def _log_node_retry(state: RetryCallState) -> None:

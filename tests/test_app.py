@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -564,6 +565,87 @@ def test_kubernetes_source_with_node_addresses_from_the_api(fake_api: FakeApiSer
     assert keys == {VSKey(L4Protocol.TCP, ip_address("10.96.0.1"), 80), node_port}
     assert set(backend.dump_sync().real_servers(node_port)) == {real("10.244.1.5"), real("10.244.1.6")}
     assert backend.applied == {"bind_address": 1, "add_virtual_server": 2, "add_real_server": 4}
+
+
+def test_healthz_fails_while_the_node_is_tainted_for_removal_or_deleted(
+    fake_api: FakeApiServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_api.create(
+        "nodes",
+        {
+            "metadata": {"name": "node-a"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}]},
+        },
+    )
+    fake_api.create("services", web_service())
+    fake_api.create("endpointslices", slice_of("web", "10.244.1.5"))
+    kubeconfig = fake_api.write_kubeconfig(tmp_path / "kubeconfig")
+    backend = MemoryBackend()
+    daemon = Daemon(settings(node_ips=(), kubeconfig=kubeconfig), backend=backend)
+
+    def edit_node(change: Callable[[dict[str, Any]], None]) -> None:
+        node = fake_api.get("nodes", None, "node-a")
+        assert node is not None
+        change(node)
+        fake_api.update("nodes", node)
+
+    def taint_and_move(node: dict[str, Any]) -> None:
+        node["spec"] = {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}
+        node["status"]["addresses"] = [{"type": "InternalIP", "address": "192.0.2.20"}]
+
+    def untaint(node: dict[str, Any]) -> None:
+        node["spec"] = {}
+
+    async def healthz_until(status: int) -> tuple[dict[str, Any], str]:
+        """Poll /healthz (the node watch has no hook to await) until it answers ``status``."""
+        assert daemon.web.healthz_port is not None
+        url = f"http://127.0.0.1:{daemon.web.healthz_port}/healthz"
+        async with asyncio.timeout(STEP), aiohttp.ClientSession() as session:
+            while True:
+                async with session.get(url) as response:
+                    if response.status == status:
+                        return orjson.loads(await response.read()), response.headers.get(
+                            "X-Aproxy-Reason", ""
+                        )
+                await asyncio.sleep(0.01)
+
+    async def scenario() -> list[tuple[bool, str]]:
+        answers = []
+        async with running(daemon):
+            await until(daemon, lambda: daemon.initial_sync_done)
+            programmed = dict(backend.applied)
+            body, _ = await healthz_until(200)
+            assert body["nodeEligible"] is True
+            edit_node(taint_and_move)
+            body, reason = await healthz_until(503)
+            answers.append((body["nodeEligible"], reason))
+            assert (await get(daemon.web.healthz_port, "/livez"))[0] == 200
+            assert (await get(daemon.web.healthz_port, "/readyz"))[0] == 200
+            edit_node(untaint)
+            body, reason = await healthz_until(200)
+            answers.append((body["nodeEligible"], reason))
+            fake_api.delete("nodes", None, "node-a")
+            body, reason = await healthz_until(503)
+            answers.append((body["nodeEligible"], reason))
+            assert (await get(daemon.web.healthz_port, "/livez"))[0] == 200
+            assert backend.applied == programmed  # node changes re-program nothing, addresses included
+        return answers
+
+    with caplog.at_level(logging.INFO, logger="aproxy.app"):
+        answers = fake_api.run(scenario(), timeout=TIMEOUT)
+    assert answers == [
+        (False, "node is tainted ToBeDeletedByClusterAutoscaler"),
+        (True, ""),
+        (False, "node is gone (no Node object)"),
+    ]
+    transitions = [r.getMessage() for r in caplog.records if "eligible" in r.getMessage()]
+    assert transitions == [
+        "this node is not eligible: /healthz answers 503",
+        "this node is eligible again: /healthz follows the sync loop",
+        "this node is not eligible: /healthz answers 503",
+    ]
+    moved = [r for r in caplog.records if "addresses changed" in r.getMessage()]
+    assert [(r.levelno, r.old, r.new) for r in moved] == [(logging.WARNING, "192.0.2.10", "192.0.2.20")]
 
 
 # --- settings and the command line --------------------------------------------------------------------------

@@ -25,6 +25,11 @@ listed; an object gaining such a label arrives as DELETED, one losing it as ADDE
 
 Malformed watch lines (not JSON, no type/object, an object without namespace/name/resourceVersion, an
 unknown type) are logged, counted in ``malformed_events`` and skipped; they never end the watch.
+
+``watch_node(name, on_change)`` follows this node's Node object with the same loop (one object, selected by
+``metadata.name`` at the server, no label selector): ``on_change`` gets a ``NodeInfo`` (addresses, zone,
+``eligibility``) whenever it changes, and None when the Node does not exist or is deleted. The Node never
+counts towards ``listed``: the services/slices gate does not wait for it.
 """
 
 from __future__ import annotations
@@ -64,6 +69,8 @@ logger = logging.getLogger(__name__)
 LABEL_SELECTOR: Final = f"!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}"
 DEFAULT_KUBECONFIG: Final = "~/.kube/config"
 ZONE_LABEL: Final = "topology.kubernetes.io/zone"
+# The cluster autoscaler's taint on a node it is about to remove (any effect): /healthz fails then.
+TO_BE_DELETED_TAINT: Final = "ToBeDeletedByClusterAutoscaler"
 NODE_ADDRESS_TYPES: Final = frozenset({"InternalIP", "ExternalIP"})
 
 DEFAULT_PAGE_SIZE: Final = 500
@@ -264,26 +271,76 @@ def trim_slice(obj: dict[str, Any]) -> dict[str, Any]:
     return trimmed
 
 
+def _untrimmed(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj  # the Node: its consumer keeps only a NodeInfo, nothing to slim down first
+
+
+def _list_services(client: ApiClient) -> Callable[..., Awaitable[Any]]:
+    return CoreV1Api(client).list_service_for_all_namespaces
+
+
+def _list_slices(client: ApiClient) -> Callable[..., Awaitable[Any]]:
+    return DiscoveryV1Api(client).list_endpoint_slice_for_all_namespaces
+
+
+def _list_nodes(client: ApiClient) -> Callable[..., Awaitable[Any]]:
+    return CoreV1Api(client).list_node
+
+
 @dataclass(frozen=True, slots=True)
 class _Resource:
-    kind: ListedKind
+    """One collection the loop lists and watches, and the selectors that narrow it at the server."""
+
+    kind: str  # services, endpointslices, nodes: task names and logs
     qualified: str  # as RBAC and the API server's messages name it
     trim: Callable[[dict[str, Any]], dict[str, Any]]
+    # The list call; with watch=True, the same call watches.
+    lister: Callable[[ApiClient], Callable[..., Awaitable[Any]]]
+    label_selector: str = ""
+    field_selector: str = ""
+    namespaced: bool = True  # cluster-scoped objects (Nodes) are keyed ("", name)
 
     def endpoint(self, client: ApiClient) -> Callable[..., Awaitable[Any]]:
-        if self.kind == "services":
-            return CoreV1Api(client).list_service_for_all_namespaces
-        return DiscoveryV1Api(client).list_endpoint_slice_for_all_namespaces
+        return self.lister(client)
 
-    def upsert(self, sink: ObjectSink) -> Callable[[dict[str, Any]], object]:
-        return sink.upsert_service if self.kind == "services" else sink.upsert_slice
-
-    def delete(self, sink: ObjectSink) -> Callable[[str, str], object]:
-        return sink.delete_service if self.kind == "services" else sink.delete_slice
+    def selectors(self) -> dict[str, str]:
+        """The request options for the selectors that are set (an empty selector is not sent)."""
+        options = {"label_selector": self.label_selector, "field_selector": self.field_selector}
+        return {option: value for option, value in options.items() if value}
 
 
-SERVICES: Final = _Resource("services", "services", trim_service)
-ENDPOINT_SLICES: Final = _Resource("endpointslices", "endpointslices.discovery.k8s.io", trim_slice)
+SERVICES: Final = _Resource(
+    "services", "services", trim_service, _list_services, label_selector=LABEL_SELECTOR
+)
+ENDPOINT_SLICES: Final = _Resource(
+    "endpointslices",
+    "endpointslices.discovery.k8s.io",
+    trim_slice,
+    _list_slices,
+    label_selector=LABEL_SELECTOR,
+)
+
+
+def _node_resource(name: str) -> _Resource:
+    # One Node by name: the services/slices label selector must not apply to it.
+    return _Resource(
+        "nodes", "nodes", _untrimmed, _list_nodes, field_selector=f"metadata.name={name}", namespaced=False
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Feed:
+    """Where one resource's changes go; the list/watch loop knows its consumer only through these."""
+
+    upsert: Callable[[dict[str, Any]], object]
+    delete: Callable[[str, str], object]
+    listed: Callable[[], object]  # the first complete list has been fed
+
+
+def _sink_feed(kind: ListedKind, sink: ObjectSink) -> _Feed:
+    if kind == "services":
+        return _Feed(sink.upsert_service, sink.delete_service, lambda: sink.mark_listed("services"))
+    return _Feed(sink.upsert_slice, sink.delete_slice, lambda: sink.mark_listed("endpointslices"))
 
 
 @dataclass(slots=True)
@@ -349,7 +406,10 @@ class KubernetesSource:
         self._backoff = wait_exponential_jitter(
             multiplier=self._retry.multiplier, max=self._retry.cap, jitter=self._retry.jitter
         )
-        self._states = {resource.kind: _ResourceState(resource) for resource in (SERVICES, ENDPOINT_SLICES)}
+        self._states: dict[ListedKind, _ResourceState] = {
+            "services": _ResourceState(SERVICES),
+            "endpointslices": _ResourceState(ENDPOINT_SLICES),
+        }
         self.events_total: Counter[str] = Counter()
         self.relists_total = 0
         self.watch_restarts_total = 0
@@ -373,14 +433,25 @@ class KubernetesSource:
 
     async def run(self, sink: ObjectSink) -> None:
         async with ApiClient(self._configuration) as client, asyncio.TaskGroup() as group:
-            for state in self._states.values():
+            for kind, state in self._states.items():
                 group.create_task(
-                    self._follow(client, state, sink), name=f"aproxy-watch-{state.resource.kind}"
+                    self._follow(client, state, _sink_feed(kind, sink)), name=f"aproxy-watch-{kind}"
                 )
+
+    async def watch_node(self, name: str, on_change: Callable[[NodeInfo | None], object]) -> None:
+        """Follow the Node ``name`` until cancelled: ``on_change(NodeInfo)`` on the first list and whenever
+        what ``NodeInfo`` holds changes (not on every new resourceVersion: status heartbeats say nothing new),
+        ``on_change(None)`` when the Node does not exist or is deleted. Retries, bookmarks, 410 relists and
+        counters are the services' and slices' (RBAC: list and watch on nodes)."""
+        state = _ResourceState(_node_resource(name))
+        reporter = _NodeReporter(on_change)
+        feed = _Feed(reporter.upsert, reporter.delete, reporter.listed)
+        async with ApiClient(self._configuration) as client:
+            await self._follow(client, state, feed)
 
     # --- the loop -------------------------------------------------------------------------------------
 
-    async def _follow(self, client: ApiClient, state: _ResourceState, sink: ObjectSink) -> None:
+    async def _follow(self, client: ApiClient, state: _ResourceState, feed: _Feed) -> None:
         while True:
             # A fresh AsyncRetrying per round: a round that got somewhere starts the backoff over.
             retrying = AsyncRetrying(
@@ -389,15 +460,15 @@ class KubernetesSource:
                 before_sleep=lambda retry_state: self._report_retry(state, retry_state),
                 reraise=True,
             )
-            await retrying(self._round, client, state, sink)
+            await retrying(self._round, client, state, feed)
 
-    async def _round(self, client: ApiClient, state: _ResourceState, sink: ObjectSink) -> None:
+    async def _round(self, client: ApiClient, state: _ResourceState, feed: _Feed) -> None:
         """List if needed, then one watch. Returns to watch again; raises to back off first."""
         fresh = state.needs_list
         if fresh:
-            await self._list_into(client, state, sink)
+            await self._list_into(client, state, feed)
         try:
-            await self._watch(client, state, sink)
+            await self._watch(client, state, feed)
         except ResourceExpiredError as error:
             state.needs_list = True
             if fresh:
@@ -437,10 +508,10 @@ class KubernetesSource:
 
     # --- list -----------------------------------------------------------------------------------------
 
-    async def _list_into(self, client: ApiClient, state: _ResourceState, sink: ObjectSink) -> None:
-        """One complete paged list, diffed into the sink; then mark listed (first time) and watch from it."""
+    async def _list_into(self, client: ApiClient, state: _ResourceState, feed: _Feed) -> None:
+        """One complete paged list, diffed into the feed; then mark listed (first time) and watch from it."""
         resource = state.resource
-        upsert, delete = resource.upsert(sink), resource.delete(sink)
+        upsert, delete = feed.upsert, feed.delete
         seen: set[_Key] = set()
         token = ""
         while True:
@@ -461,7 +532,7 @@ class KubernetesSource:
             self.relists_total += 1
         else:
             state.listed = True
-            sink.mark_listed(resource.kind)
+            feed.listed()
         logger.info(
             "listed",
             extra={"resource": resource.qualified, "objects": len(seen), "deleted": len(gone)},
@@ -474,7 +545,7 @@ class KubernetesSource:
         upsert: Callable[[dict[str, Any]], object],
         seen: set[_Key],
     ) -> None:
-        ident = _identity(item)
+        ident = _identity(item, state.resource.namespaced)
         if isinstance(ident, str):
             self._malformed(state, f"listed object {ident}", orjson.dumps(item))
             return
@@ -486,7 +557,7 @@ class KubernetesSource:
 
     async def _list_page(self, client: ApiClient, resource: _Resource, token: str) -> _Page:
         options: dict[str, Any] = {
-            "label_selector": LABEL_SELECTOR,
+            **resource.selectors(),
             "limit": self._page_size,
             "_preload_content": False,
             "_request_timeout": aiohttp.ClientTimeout(total=self._list_timeout, sock_connect=CONNECT_TIMEOUT),
@@ -504,7 +575,7 @@ class KubernetesSource:
 
     # --- watch ----------------------------------------------------------------------------------------
 
-    async def _watch(self, client: ApiClient, state: _ResourceState, sink: ObjectSink) -> None:
+    async def _watch(self, client: ApiClient, state: _ResourceState, feed: _Feed) -> None:
         resource = state.resource
         if state.watches:
             self.watch_restarts_total += 1
@@ -518,7 +589,7 @@ class KubernetesSource:
                     resource_version=state.resource_version,
                     allow_watch_bookmarks=True,
                     timeout_seconds=int(self._watch_timeout * (1 + random.random())),
-                    label_selector=LABEL_SELECTOR,
+                    **resource.selectors(),
                     _preload_content=False,
                     _request_timeout=aiohttp.ClientTimeout(
                         sock_connect=CONNECT_TIMEOUT, sock_read=self._stall_timeout
@@ -529,7 +600,7 @@ class KubernetesSource:
             raise ApiConnectionError(f"cannot watch {resource.qualified}: {_describe(error)}") from error
         async with response:
             await _raise_for_status(response, "watch", resource.qualified)
-            lines, broken = await self._read_stream(response, state, sink)
+            lines, broken = await self._read_stream(response, state, feed)
         if lines == 0 and time.monotonic() - started < MIN_QUIET_WATCH:
             # Nothing at all, at once: back off rather than spin against a server that drops every watch.
             raise StreamInterruptedError(
@@ -543,14 +614,13 @@ class KubernetesSource:
             )
 
     async def _read_stream(
-        self, response: aiohttp.ClientResponse, state: _ResourceState, sink: ObjectSink
+        self, response: aiohttp.ClientResponse, state: _ResourceState, feed: _Feed
     ) -> tuple[int, str | None]:
         """Handle lines until the stream ends: how many, and why it broke (None: a clean end).
 
         A cut, a reset or a stall (no byte for ``stall_timeout``) ends the stream like the server's own
         timeout does: the next watch resumes from the last event handled whole."""
-        resource = state.resource
-        upsert, delete = resource.upsert(sink), resource.delete(sink)
+        upsert, delete = feed.upsert, feed.delete
         lines = 0
         try:
             while line := await response.content.readline(max_line_length=MAX_LINE_BYTES):
@@ -587,7 +657,7 @@ class KubernetesSource:
         if event_type == "BOOKMARK":
             self._bookmark(obj, state, line)
             return
-        ident = _identity(obj)
+        ident = _identity(obj, state.resource.namespaced)
         if isinstance(ident, str):
             self._malformed(state, f"{event_type} object {ident}", line)
             return
@@ -654,16 +724,21 @@ class _Page:
         return cls(items, version, token if isinstance(token, str) else "")
 
 
-def _identity(obj: object) -> tuple[_Key, str] | str:
-    """((namespace, name), resourceVersion) of an object, or what is wrong with it."""
+def _identity(obj: object, namespaced: bool = True) -> tuple[_Key, str] | str:
+    """((namespace, name), resourceVersion) of an object, or what is wrong with it.
+
+    A cluster-scoped object (``namespaced`` False: a Node) has no namespace; its key is ("", name)."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
     if not isinstance(meta, dict):
         return "without metadata"
-    namespace, name, version = meta.get("namespace"), meta.get("name"), meta.get("resourceVersion")
-    if not isinstance(namespace, str) or not namespace or not isinstance(name, str) or not name:
-        return "without namespace or name"
+    name, version = meta.get("name"), meta.get("resourceVersion")
+    namespace = meta.get("namespace") if namespaced else ""
+    if not isinstance(name, str) or not name:
+        return "without name"
+    if not isinstance(namespace, str) or (namespaced and not namespace):
+        return f"{name} without namespace"
     if not isinstance(version, str) or not version:
-        return f"{namespace}/{name} without resourceVersion"
+        return f"{f'{namespace}/' if namespace else ''}{name} without resourceVersion"
     # Interned: every object of a namespace shares one string.
     return (sys.intern(namespace), name), version
 
@@ -763,17 +838,29 @@ async def snapshot(
     """
     source = KubernetesSource(configuration, page_size=page_size)
     async with ApiClient(configuration) as client:
-        for state in source._states.values():
-            await source._list_into(client, state, sink)
+        for kind, state in source._states.items():
+            await source._list_into(client, state, _sink_feed(kind, sink))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEligibility:
+    """kube-proxy's ``nodeEligible``: may load balancers send this node traffic? ``reason`` says why not."""
+
+    eligible: bool
+    reason: str = ""  # "being deleted", "tainted ToBeDeletedByClusterAutoscaler"
+
+
+ELIGIBLE: Final = NodeEligibility(eligible=True)
 
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
-    """This node as translation needs it: its addresses (InternalIP and ExternalIP, in the Node's order)
-    and its zone (label ``topology.kubernetes.io/zone``; None when unset)."""
+    """This node as translation and health need it: its addresses (InternalIP and ExternalIP, in the Node's
+    order), its zone (label ``topology.kubernetes.io/zone``; None when unset) and its eligibility."""
 
     addresses: tuple[IPAddress, ...]
     zone: str | None
+    eligibility: NodeEligibility = ELIGIBLE
 
 
 async def read_node(api: CoreV1Api, name: str, *, request_timeout: float = DEFAULT_LIST_TIMEOUT) -> NodeInfo:
@@ -800,8 +887,27 @@ async def read_node(api: CoreV1Api, name: str, *, request_timeout: float = DEFAU
     return node_info(node)
 
 
+def node_eligibility(node: object) -> NodeEligibility:
+    """Not eligible while the Node is being deleted (``metadata.deletionTimestamp`` set) or carries the
+    cluster autoscaler's ``ToBeDeletedByClusterAutoscaler`` taint (any effect), as kube-proxy decides.
+
+    Fields of the wrong type (taints not a list, an entry not a mapping, a timestamp not a string) are
+    ignored: the API server never sends them, and a malformed object must not fail health checks."""
+    obj = node if isinstance(node, dict) else {}
+    meta = obj.get("metadata")
+    deletion = meta.get("deletionTimestamp") if isinstance(meta, dict) else None
+    if isinstance(deletion, str) and deletion:
+        return NodeEligibility(eligible=False, reason="being deleted")
+    spec = obj.get("spec")
+    taints = spec.get("taints") if isinstance(spec, dict) else None
+    for taint in taints if isinstance(taints, list) else ():
+        if isinstance(taint, dict) and taint.get("key") == TO_BE_DELETED_TAINT:
+            return NodeEligibility(eligible=False, reason=f"tainted {TO_BE_DELETED_TAINT}")
+    return ELIGIBLE
+
+
 def node_info(node: object) -> NodeInfo:
-    """The addresses and zone of a Node object; unusable entries are left out."""
+    """The addresses, zone and eligibility of a Node object; unusable entries are left out."""
     obj = node if isinstance(node, dict) else {}
     status = obj.get("status")
     entries = status.get("addresses") if isinstance(status, dict) else None
@@ -814,4 +920,29 @@ def node_info(node: object) -> NodeInfo:
     meta = obj.get("metadata")
     labels = meta.get("labels") if isinstance(meta, dict) else None
     zone = labels.get(ZONE_LABEL) if isinstance(labels, dict) else None
-    return NodeInfo(tuple(addresses), zone if isinstance(zone, str) and zone else None)
+    return NodeInfo(tuple(addresses), zone if isinstance(zone, str) and zone else None, node_eligibility(obj))
+
+
+class _NodeReporter:
+    """The node resource's feed: upserts and deletes become ``on_change`` calls, each distinct state once."""
+
+    def __init__(self, on_change: Callable[[NodeInfo | None], object]) -> None:
+        self._on_change = on_change
+        self._reported = False
+        self._last: NodeInfo | None = None
+
+    def upsert(self, raw: dict[str, Any]) -> None:
+        self._report(node_info(raw))
+
+    def delete(self, namespace: str, name: str) -> None:
+        self._report(None)
+
+    def listed(self) -> None:
+        if not self._reported:
+            self._report(None)  # the first list found no such Node
+
+    def _report(self, node: NodeInfo | None) -> None:
+        if self._reported and node == self._last:
+            return
+        self._reported, self._last = True, node
+        self._on_change(node)

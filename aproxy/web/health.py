@@ -8,9 +8,11 @@ request is still pending, but the loop is demonstrably alive; it turns unhealthy
 succeeding for the whole limit.
 
 - ``/healthz``: also unhealthy before the initial sync has completed (a node that has not programmed the
-  cluster yet must not receive traffic from a load balancer that checks it).
+  cluster yet must not receive traffic from a load balancer that checks it), and, as kube-proxy's, while the
+  node is not eligible (being deleted, or tainted ``ToBeDeletedByClusterAutoscaler``): load balancers of
+  ``externalTrafficPolicy: Cluster`` services probe it to drain a node before it is removed.
 - ``/livez``: the staleness rule only. Waiting for the first list (the API server unreachable at start-up) is
-  not a reason for the kubelet to restart the process.
+  not a reason for the kubelet to restart the process, and neither is the node's removal.
 - ``/readyz``: ready once a sync (the initial one, or a retry of it) has succeeded.
 
 All times are seconds on one monotonic clock; nothing here reads a clock.
@@ -33,6 +35,7 @@ class Health:
     livez: bool
     ready: bool
     reason: str
+    node_eligible: bool  # kube-proxy's ``nodeEligible``, as the JSON body shows it
 
 
 def decide(
@@ -41,8 +44,13 @@ def decide(
     last_success: float | None,
     sync_period: float,
     initialized: bool,
+    *,
+    node_eligible: bool = True,
+    node_reason: str = "",
 ) -> Health:
-    """The endpoints' verdicts at ``now`` (see the module docstring for the rules)."""
+    """The endpoints' verdicts at ``now`` (see the module docstring for the rules).
+
+    ``node_reason`` says why the node is not eligible ("being deleted"); it is read only when it is not."""
     limit = STALENESS_FACTOR * sync_period
     waited = now - pending_since if pending_since is not None else 0.0
     stale = waited > limit and (last_success is None or now - last_success > limit)
@@ -51,9 +59,17 @@ def decide(
         reason = f"a change has waited {waited:.1f} s without a successful sync"
     elif not initialized:
         reason = "the initial sync has not completed"
+    elif not node_eligible:
+        reason = f"node is {node_reason or 'not eligible'}"
     else:
         reason = "ok"
-    return Health(healthz=initialized and not stale, livez=not stale, ready=ready, reason=reason)
+    return Health(
+        healthz=initialized and not stale and node_eligible,
+        livez=not stale,
+        ready=ready,
+        reason=reason,
+        node_eligible=node_eligible,
+    )
 
 
 def rfc3339(wall: float) -> str:
@@ -61,12 +77,12 @@ def rfc3339(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def health_body(last_updated: float | None, current_time: float) -> dict[str, Any]:
+def health_body(last_updated: float | None, current_time: float, node_eligible: bool) -> dict[str, Any]:
     """kube-proxy's ``/healthz`` JSON: ``lastUpdated`` (null before the first successful sync),
-    ``currentTime`` and ``nodeEligible`` (always true: aproxy does not watch its Node for deletion or
-    autoscaler taints)."""
+    ``currentTime`` and ``nodeEligible`` (false while the node is being deleted or tainted
+    ``ToBeDeletedByClusterAutoscaler``; always true with manifest sources)."""
     return {
         "lastUpdated": rfc3339(last_updated) if last_updated is not None else None,
         "currentTime": rfc3339(current_time),
-        "nodeEligible": True,
+        "nodeEligible": node_eligible,
     }

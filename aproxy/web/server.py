@@ -2,7 +2,8 @@
 
 - healthz address (kube-proxy's default ``0.0.0.0:10256``): ``/healthz``, ``/livez``, ``/readyz``. The first
   two answer kube-proxy's JSON (``lastUpdated``, ``currentTime``, ``nodeEligible``) with 200 or 503; the
-  decision is ``aproxy.web.health.decide``.
+  decision is ``aproxy.web.health.decide`` (``/healthz`` also fails while the node is not eligible, ``/livez``
+  does not).
 - metrics address (``127.0.0.1:10249``): ``/metrics``, the exposition the daemon hands in.
 
 The server knows nothing of the sync loop: it calls two functions the composition root gives it, on the event
@@ -64,7 +65,8 @@ class ListenAddress:
 
 @dataclass(frozen=True, slots=True)
 class HealthSnapshot:
-    """What the health endpoints answer now: the verdicts and the two wall-clock times of the JSON body."""
+    """What the health endpoints answer now: the verdicts (``health.node_eligible`` included, for the body)
+    and the two wall-clock times of the JSON body."""
 
     health: Health
     last_updated: float | None  # time.time() of the last successful sync
@@ -148,10 +150,11 @@ class WebServer:
 
 
 def _health_response(snapshot: HealthSnapshot, ok: bool) -> web.Response:
-    body = orjson.dumps(health_body(snapshot.last_updated, snapshot.current_time))
+    health = snapshot.health
+    body = orjson.dumps(health_body(snapshot.last_updated, snapshot.current_time, health.node_eligible))
     headers = {"Content-Type": JSON, "X-Content-Type-Options": "nosniff"}
     if not ok:
-        headers["X-Aproxy-Reason"] = snapshot.health.reason
+        headers["X-Aproxy-Reason"] = health.reason
     return web.Response(status=200 if ok else 503, body=body, headers=headers)
 
 

@@ -57,11 +57,87 @@ def test_reason(
 
 
 def test_health_is_a_value() -> None:
-    assert decide(10.0, None, 9.0, PERIOD, True) == Health(healthz=True, livez=True, ready=True, reason="ok")
+    assert decide(10.0, None, 9.0, PERIOD, True) == Health(
+        healthz=True, livez=True, ready=True, reason="ok", node_eligible=True
+    )
+
+
+# (now, pending_since, last_success, initialized, node_reason) -> (healthz, livez, ready, reason)
+NODE_CASES = [
+    pytest.param(
+        10.0,
+        None,
+        9.0,
+        True,
+        "being deleted",
+        (False, True, True, "node is being deleted"),
+        id="deleting-node-fails-healthz-only",
+    ),
+    pytest.param(
+        10.0,
+        None,
+        9.0,
+        True,
+        "tainted ToBeDeletedByClusterAutoscaler",
+        (False, True, True, "node is tainted ToBeDeletedByClusterAutoscaler"),
+        id="autoscaler-taint-fails-healthz-only",
+    ),
+    pytest.param(
+        10.0, None, 9.0, True, "", (False, True, True, "node is not eligible"), id="no-reason-given"
+    ),
+    pytest.param(
+        200.0,
+        100.0,
+        None,
+        True,
+        "being deleted",
+        (False, False, False, "a change has waited 100.0 s without a successful sync"),
+        id="staleness-reason-takes-precedence",
+    ),
+    pytest.param(
+        5.0,
+        None,
+        None,
+        False,
+        "being deleted",
+        (False, True, False, "the initial sync has not completed"),
+        id="not-initialized-and-ineligible",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("now", "pending_since", "last_success", "initialized", "node_reason", "expected"), NODE_CASES
+)
+def test_decide_for_an_ineligible_node(
+    now: float,
+    pending_since: float | None,
+    last_success: float | None,
+    initialized: bool,
+    node_reason: str,
+    expected: tuple[bool, bool, bool, str],
+) -> None:
+    health = decide(
+        now, pending_since, last_success, PERIOD, initialized, node_eligible=False, node_reason=node_reason
+    )
+    assert (health.healthz, health.livez, health.ready, health.reason) == expected
+    assert health.node_eligible is False
+
+
+def test_an_eligible_node_ignores_its_reason() -> None:
+    health = decide(10.0, None, 9.0, PERIOD, True, node_eligible=True, node_reason="being deleted")
+    assert (health.healthz, health.reason, health.node_eligible) == (True, "ok", True)
+
+
+@pytest.mark.parametrize(
+    "eligible", [pytest.param(True, id="eligible"), pytest.param(False, id="ineligible")]
+)
+def test_body_reports_node_eligibility(eligible: bool) -> None:
+    assert health_body(None, 0.0, eligible)["nodeEligible"] is eligible
 
 
 def test_body_has_kube_proxys_keys_and_rfc3339_times() -> None:
-    body = health_body(1_700_000_000.25, 1_700_000_001.5)
+    body = health_body(1_700_000_000.25, 1_700_000_001.5, True)
     assert body == {
         "lastUpdated": "2023-11-14T22:13:20.250000Z",
         "currentTime": "2023-11-14T22:13:21.500000Z",
@@ -71,7 +147,7 @@ def test_body_has_kube_proxys_keys_and_rfc3339_times() -> None:
 
 
 def test_body_before_any_successful_sync() -> None:
-    assert health_body(None, 0.0) == {
+    assert health_body(None, 0.0, True) == {
         "lastUpdated": None,
         "currentTime": rfc3339(0.0),
         "nodeEligible": True,
