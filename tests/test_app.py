@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -28,7 +29,15 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from aproxy import cli
-from aproxy.app import EXIT_FAILED, EXIT_OK, Daemon, Settings, SettingsError, SyncRetry
+from aproxy.app import (
+    EXIT_FAILED,
+    EXIT_OK,
+    STARTUP_GC_THRESHOLD,
+    Daemon,
+    Settings,
+    SettingsError,
+    SyncRetry,
+)
 from aproxy.backends.base import BackendError, RealServerConnections
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.model import AddVirtualServer, DeleteVirtualServer, L4Protocol, Operation, RealServerKey
@@ -229,6 +238,46 @@ def test_nothing_applied_before_both_lists_then_healthy() -> None:
             assert backend.applied == {"bind_address": 1, "add_virtual_server": 1, "add_real_server": 2}
 
     run(scenario())
+
+
+def test_garbage_collection_is_rarer_until_the_initial_sync_then_restored() -> None:
+    source = ScriptedSource()
+    daemon = Daemon(settings(), source=source, backend=CallLog())
+    defaults = gc.get_threshold()
+
+    async def scenario() -> None:
+        async with running(daemon):
+            await asyncio.wait_for(source.attached.wait(), STEP)
+            assert gc.get_threshold() == (STARTUP_GC_THRESHOLD, *defaults[1:])
+            source.feed(web_service(), slice_of("web", "10.244.1.5"))
+            source.sink.mark_listed("services")
+            source.sink.mark_listed("endpointslices")
+            await until(daemon, lambda: daemon.initial_sync_done)
+            assert gc.get_threshold() == defaults
+
+    try:
+        run(scenario())
+        assert gc.get_threshold() == defaults
+    finally:
+        gc.set_threshold(*defaults)
+        gc.unfreeze()  # the initial sync froze this test's objects: give them back to the collector
+
+
+def test_thresholds_are_restored_when_the_daemon_stops_before_its_initial_sync() -> None:
+    source = ScriptedSource()
+    daemon = Daemon(settings(), source=source, backend=CallLog())
+    defaults = gc.get_threshold()
+
+    async def scenario() -> None:
+        async with running(daemon):
+            await asyncio.wait_for(source.attached.wait(), STEP)
+            assert gc.get_threshold()[0] == STARTUP_GC_THRESHOLD
+
+    try:
+        run(scenario())
+        assert gc.get_threshold() == defaults
+    finally:
+        gc.set_threshold(*defaults)
 
 
 def test_metrics_after_the_initial_sync(tmp_path: Path) -> None:
