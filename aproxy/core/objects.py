@@ -587,18 +587,16 @@ def _parse_slice(raw: object, previous: SliceInfo | None) -> SliceInfo:
         skips = tuple(Skip(SLICE_KIND, namespace, name, reason, Severity.WARNING) for reason in warnings)
     if previous is not None and ports == previous.ports and endpoints.same_as(previous.endpoints):
         # Nothing translation reads changed (a relist, or an update of fields aproxy ignores): share it all.
-        return SliceInfo(
-            namespace,
-            name,
-            service_name,
-            address_type,
-            resource_version,
-            ports=previous.ports,
-            endpoints=previous.endpoints,
-            skips=skips,
-            real_servers=previous.real_servers,
-            address_ids=previous.address_ids,
+        ports, made, real_servers, address_ids = (
+            previous.ports,
+            previous.endpoints,
+            previous.real_servers,
+            previous.address_ids,
         )
+    else:
+        made = tuple(endpoints.endpoints)
+        real_servers = _real_servers(ports, endpoints.endpoints, endpoints.origins, previous)
+        address_ids = tuple(endpoints.ids)
     return SliceInfo(
         namespace,
         name,
@@ -606,10 +604,10 @@ def _parse_slice(raw: object, previous: SliceInfo | None) -> SliceInfo:
         address_type,
         resource_version,
         ports=ports,
-        endpoints=tuple(endpoints.endpoints),
+        endpoints=made,
         skips=skips,
-        real_servers=_real_servers(ports, endpoints.endpoints, endpoints.origins, previous),
-        address_ids=tuple(endpoints.ids),
+        real_servers=real_servers,
+        address_ids=address_ids,
     )
 
 
