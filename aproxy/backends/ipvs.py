@@ -1,9 +1,12 @@
-"""The Linux IPVS backend: the only module that speaks netlink (through pyroute2 and a raw batch socket).
+"""The Linux IPVS backend: the only module that speaks netlink (through pyroute2 and a raw IPVS socket).
 
 - Writes go through :class:`BatchSocket`: many generic-netlink requests per ``sendmsg``, each with its own
   sequence number, an acknowledgement asked only on the last; every error comes back with the sequence
   number of its request, so each failure is attributed to its operation.
-- Reads (dumps) and the dummy device go through pyroute2's asyncio API (``AsyncIPVS``, ``AsyncIPRoute``).
+- IPVS reads (dumps) go through the same raw socket, parsed by hand (ipvs_wire.py): one service dump, then
+  one destination dump per owned virtual server. pyroute2's decoding made a 1,000-service dump take seconds.
+- The dummy device and its addresses go through pyroute2's asyncio API (``AsyncIPRoute``); ``AsyncIPVS``
+  only resolves the IPVS generic-netlink family at open.
 - Ownership: aproxy changes only virtual servers whose address is bound on its dummy device, or that it
   created on another address (NodePorts on node addresses, external IPs that are node addresses) and recorded
   in its state file. Everything else in the kernel (keepalived's, an operator's) is invisible to it.
@@ -28,11 +31,11 @@ from ipaddress import ip_address
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pyroute2 import AsyncIPRoute, AsyncIPVS, IPVSService
+from pyroute2 import AsyncIPRoute, AsyncIPVS
 from pyroute2.netlink.exceptions import NetlinkError
 
 from aproxy.backends import ipvs_wire
-from aproxy.backends.base import OperationResult, RealServerConnections
+from aproxy.backends.base import BackendError, OperationResult, RealServerConnections
 from aproxy.backends.conntrack import ConntrackCleaner
 from aproxy.backends.masquerade import Masquerade, MasqueradeError, MasqueradeSettings
 from aproxy.backends.sysctl import SysctlError, apply_sysctls, wanted_sysctls
@@ -62,6 +65,8 @@ NETLINK_CAP_ACK = 10
 NETLINK_EXT_ACK = 11
 # Enough for every message of a batch to fail without the kernel dropping an error (ENOBUFS).
 SOCKET_BUFFER = 16 * 1024 * 1024
+# One receive of a dump: the kernel fills at most 32 KiB per part (netlink_dump), more would be truncated.
+DUMP_RECEIVE_BYTES = 64 * 1024
 _PROTOCOLS_BY_NUMBER = {number: protocol for protocol, number in ipvs_wire.PROTOCOL_NUMBERS.items()}
 
 
@@ -129,8 +134,31 @@ class IPVSSettings:
     cluster_cidrs: tuple[str, ...] = ()
 
 
+def _open_netlink_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
+    sock.setblocking(False)
+    # Errors then carry only the header of the failing request, not its whole payload.
+    sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    for option, forced in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
+    sock.bind((0, 0))
+    return sock
+
+
+class IPVSDumpError(BackendError):
+    """A dump reply that could not be parsed: nothing of that dump is used."""
+
+
 class BatchSocket:
-    """A raw generic-netlink socket that sends IPVS requests in batches and maps acknowledgements back."""
+    """A raw generic-netlink socket that sends IPVS requests in batches and maps acknowledgements back; it
+    also reads dumps.
+
+    One request at a time: the backend's callers never overlap (the daemon's kernel task runs one pass after
+    another), and a dump's replies are told from leftovers of a timed-out request by their sequence number.
+    """
 
     def __init__(self, family_id: int, settings: IPVSSettings) -> None:
         self._family_id = family_id
@@ -139,17 +167,10 @@ class BatchSocket:
         # Totals for tests, benchmarks and metrics: incrementality is asserted on these, not on time.
         self.messages_sent = 0
         self.batches_sent = 0
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
-        sock.setblocking(False)
-        # Errors then carry only the header of the failing request, not its whole payload.
-        sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-        for option, forced in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
-            except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-        sock.bind((0, 0))
-        self._sock = sock
+        self.dumps_sent = 0
+        self.dump_receives = 0  # receives the dumps took: more than one per dump once a reply is large
+        self._sock = _open_netlink_socket()
+        self._dump_unfinished = False
 
     def close(self) -> None:
         self._sock.close()
@@ -196,6 +217,49 @@ class BatchSocket:
                         outcome[ack.seq] = ack.error
                     if ack.seq == seqs[last]:
                         return [outcome[seq] for seq in seqs]
+
+    async def services(self) -> list[ipvs_wire.DumpedService]:
+        """Every virtual server in the kernel (this network namespace), foreign and firewall-mark ones too."""
+        request = ipvs_wire.services_dump_request(self._family_id, seq := next(self._seq))
+        return [ipvs_wire.decode_service(message) for message in await self._dump(request, seq)]
+
+    async def dests(self, key: VirtualServerKey) -> list[ipvs_wire.DumpedDest]:
+        """The real servers of one virtual server; none if it does not exist (the kernel's answer, too)."""
+        request = ipvs_wire.dests_dump_request(self._family_id, seq := next(self._seq), key)
+        family = socket.AF_INET if key.address.version == 4 else socket.AF_INET6
+        return [ipvs_wire.decode_dest(message, family) for message in await self._dump(request, seq)]
+
+    async def _dump(self, request: bytes, seq: int) -> list[ipvs_wire.Message]:
+        """Send one dump request; gather its messages from as many receives as it takes, to NLMSG_DONE.
+
+        The timeout bounds each receive (no answer for that long), not the whole dump, whatever its size.
+        A dump left unfinished (timeout, unreadable part, cancellation) would keep running on this socket,
+        and the kernel refuses a second dump on it (EBUSY) until the first is read to its end: the next dump
+        replaces the socket instead (not at once: the event loop may still hold the old one's reader).
+        """
+        loop = asyncio.get_running_loop()
+        if self._dump_unfinished:
+            self._sock.close()
+            self._sock = _open_netlink_socket()
+        self._dump_unfinished = True
+        finished = False
+        try:
+            await loop.sock_sendall(self._sock, request)
+            self.dumps_sent += 1
+            messages: list[ipvs_wire.Message] = []
+            while not finished:
+                async with asyncio.timeout(self._settings.ack_timeout):
+                    data = await loop.sock_recv(self._sock, DUMP_RECEIVE_BYTES)
+                self.dump_receives += 1
+                for message in ipvs_wire.parse_messages(data, seq):
+                    if message.kind == ipvs_wire.NLMSG_DONE:
+                        finished = True
+                    elif message.kind == self._family_id:
+                        messages.append(message)
+        except ipvs_wire.MalformedReply as exc:
+            raise IPVSDumpError(f"unreadable IPVS dump reply: {exc}") from exc
+        self._dump_unfinished = False
+        return messages
 
 
 class OwnershipRecord:
@@ -313,6 +377,11 @@ class IPVSBackend:
     def netlink_batches_sent(self) -> int:
         """Buffers of IPVS requests sent so far (one sendmsg each)."""
         return self._batch.batches_sent if self._batch is not None else 0
+
+    @property
+    def netlink_dumps_sent(self) -> int:
+        """IPVS dump requests sent so far: one per service dump, one per virtual server's real servers."""
+        return self._batch.dumps_sent if self._batch is not None else 0
 
     async def close(self) -> None:
         if self._batch is not None:
@@ -484,48 +553,34 @@ class IPVSBackend:
         return found
 
     async def _dump_services(self) -> list[tuple[VirtualServerKey, VirtualServerSpec]]:
-        assert self._ipvs is not None
+        assert self._batch is not None, "IPVSBackend used before open()"
         services = []
-        for message in await self._nl(self._ipvs.service("dump")):
-            attrs = message.get_attr("IPVS_CMD_ATTR_SERVICE")
-            protocol = _PROTOCOLS_BY_NUMBER.get(attrs.get_attr("IPVS_SVC_ATTR_PROTOCOL"))
-            if protocol is None or attrs.get_attr("IPVS_SVC_ATTR_FWMARK"):
+        for service in await self._batch.services():
+            protocol = _PROTOCOLS_BY_NUMBER.get(service.protocol)
+            if protocol is None or service.fwmark or service.address is None:
                 continue  # firewall-mark and other-protocol services are never aproxy's
-            key = VirtualServerKey(
-                protocol,
-                ip_address(attrs.get_attr("IPVS_SVC_ATTR_ADDR")),
-                attrs.get_attr("IPVS_SVC_ATTR_PORT"),
-            )
-            services.append((key, _spec_from_attrs(attrs)))
+            services.append((VirtualServerKey(protocol, service.address, service.port), _spec_of(service)))
         return services
 
     async def _dump_dests(
         self, key: VirtualServerKey
     ) -> list[tuple[RealServerKey, int, RealServerConnections]]:
-        assert self._ipvs is not None
-        service = IPVSService(
-            addr=str(key.address), port=key.port, protocol=ipvs_wire.PROTOCOL_NUMBERS[key.protocol]
-        )
-        dests = []
-        for message in await self._nl(self._ipvs.dest("dump", service=service)):
-            attrs = message.get_attr("IPVS_CMD_ATTR_DEST")
-            real = RealServerKey(
-                ip_address(attrs.get_attr("IPVS_DEST_ATTR_ADDR")), attrs.get_attr("IPVS_DEST_ATTR_PORT")
+        assert self._batch is not None, "IPVSBackend used before open()"
+        return [
+            (
+                RealServerKey(dest.address, dest.port),
+                dest.weight,
+                RealServerConnections(dest.active_connections, dest.inactive_connections),
             )
-            conns = RealServerConnections(
-                attrs.get_attr("IPVS_DEST_ATTR_ACTIVE_CONNS"), attrs.get_attr("IPVS_DEST_ATTR_INACT_CONNS")
-            )
-            dests.append((real, int(attrs.get_attr("IPVS_DEST_ATTR_WEIGHT")), conns))
-        return dests
+            for dest in await self._batch.dests(key)
+        ]
 
 
-def _spec_from_attrs(attrs: Any) -> VirtualServerSpec:
-    flags = attrs.get_attr("IPVS_SVC_ATTR_FLAGS")["flags"]
-    timeout = attrs.get_attr("IPVS_SVC_ATTR_TIMEOUT") if flags & ipvs_wire.SVC_F_PERSISTENT else 0
+def _spec_of(service: ipvs_wire.DumpedService) -> VirtualServerSpec:
+    flags = service.flags
+    timeout = service.timeout if flags & ipvs_wire.SVC_F_PERSISTENT else 0
     names = frozenset(name for name, bit in ipvs_wire.SCHED_FLAGS.items() if flags & bit)
-    return VirtualServerSpec(
-        scheduler=attrs.get_attr("IPVS_SVC_ATTR_SCHED_NAME"), persistence_timeout=timeout, flags=names
-    )
+    return VirtualServerSpec(scheduler=service.scheduler, persistence_timeout=timeout, flags=names)
 
 
 def _result(op: Operation, code: int) -> OperationResult:

@@ -1,4 +1,4 @@
-"""The bytes of IPVS generic-netlink requests, packed by hand for batching.
+"""IPVS generic-netlink messages by hand: requests packed for batching, dump replies parsed.
 
 pyroute2 sends one request and awaits its acknowledgement before the next: about 500 operations per second in
 the test kernel. The kernel handles every message of one ``sendmsg`` in order, so many requests can share one
@@ -7,16 +7,23 @@ failing message still answers with an ``NLMSG_ERROR`` that carries its own seque
 error back to its operation at a fraction of the cost. Packing with ``struct`` is ~20x cheaper than pyroute2's
 message classes, and tests compare these bytes with pyroute2's encoding of the same request.
 
+Dumps (the start-up adoption, the audit, the drain's connection counts) are parsed here too: pyroute2 decodes
+every attribute of every message into Python objects, stats included, which made a dump of 1,000 services
+take seconds. Only the few attributes a service proxy reads are decoded here; the rest are skipped unread.
+
 Layouts (include/uapi/linux/ip_vs.h, netlink.h): nlmsghdr (len u32, type u16, flags u16, seq u32, pid u32),
 genlmsghdr (cmd u8, version u8, reserved u16), then attributes (len u16, type u16, payload, 4-byte aligned).
+Numbers are host order, ports network order; addresses are 16 bytes (union nf_inet_addr: IPv4 in the first 4).
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 
 from aproxy.core.model import (
     AddRealServer,
@@ -38,9 +45,11 @@ GENL_VERSION = 1
 CMD_NEW_SERVICE = 1
 CMD_SET_SERVICE = 2
 CMD_DEL_SERVICE = 3
+CMD_GET_SERVICE = 4
 CMD_NEW_DEST = 5
 CMD_SET_DEST = 6
 CMD_DEL_DEST = 7
+CMD_GET_DEST = 8
 
 ATTR_SERVICE = 1
 ATTR_DEST = 2
@@ -49,6 +58,7 @@ SVC_AF = 1
 SVC_PROTOCOL = 2
 SVC_ADDR = 3
 SVC_PORT = 4
+SVC_FWMARK = 5
 SVC_SCHED_NAME = 6
 SVC_FLAGS = 7
 SVC_TIMEOUT = 8
@@ -60,6 +70,8 @@ DEST_FWD_METHOD = 3
 DEST_WEIGHT = 4
 DEST_U_THRESH = 5
 DEST_L_THRESH = 6
+DEST_ACTIVE_CONNS = 7
+DEST_INACT_CONNS = 8
 DEST_ADDR_FAMILY = 11
 
 # IP_VS_CONN_F_MASQ: NAT forwarding, the only method a service proxy uses (kube-proxy does the same).
@@ -73,8 +85,12 @@ FLAGS_MASK = 0xFFFFFFFF
 
 NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
+NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
+NLMSG_NOOP = 0x1
 NLMSG_ERROR = 0x2
 NLMSG_DONE = 0x3
+# The two high bits of nla_type are flags (NLA_F_NESTED, NLA_F_NET_BYTEORDER), not part of the type.
+NLA_TYPE_MASK = 0x3FFF
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _GENLHDR = struct.Struct("=BBH")
@@ -192,11 +208,25 @@ def request_body(op: IPVSOperation) -> tuple[int, bytes]:
     raise UnsupportedOperation(f"no IPVS request for {op!r}")
 
 
-def pack_request(family_id: int, seq: int, command: int, attributes: bytes, *, ack: bool) -> bytes:
-    flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+def _pack(family_id: int, seq: int, flags: int, command: int, attributes: bytes) -> bytes:
     length = _NLMSGHDR.size + _GENLHDR.size + len(attributes)
     header = _NLMSGHDR.pack(length, family_id, flags, seq, 0)
     return header + _GENLHDR.pack(command, GENL_VERSION, 0) + attributes
+
+
+def pack_request(family_id: int, seq: int, command: int, attributes: bytes, *, ack: bool) -> bytes:
+    return _pack(family_id, seq, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), command, attributes)
+
+
+def services_dump_request(family_id: int, seq: int) -> bytes:
+    """Every virtual server of the network namespace (no attributes: a dump cannot be filtered)."""
+    return _pack(family_id, seq, NLM_F_REQUEST | NLM_F_DUMP, CMD_GET_SERVICE, b"")
+
+
+def dests_dump_request(family_id: int, seq: int, key: VirtualServerKey) -> bytes:
+    """The real servers of one virtual server, named by the same key attributes a delete uses."""
+    attributes = _attr(ATTR_SERVICE, service_key_attrs(key))
+    return _pack(family_id, seq, NLM_F_REQUEST | NLM_F_DUMP, CMD_GET_DEST, attributes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,3 +248,188 @@ def parse_acks(data: bytes) -> Iterator[Ack]:
             (error,) = _ERRHDR.unpack_from(data, offset + _NLMSGHDR.size)
             yield Ack(seq=seq, error=-error)
         offset += (length + 3) & ~3
+
+
+# --- dump replies -------------------------------------------------------------------------------------------
+
+
+class MalformedReply(ValueError):
+    """A reply that is not what the kernel sends: truncated, a length that overruns, a missing attribute."""
+
+
+class NetlinkErrorReply(OSError):
+    """The kernel refused a request (NLMSG_ERROR, or a dump that ended with an error): ``errno`` says why."""
+
+    def __init__(self, seq: int, error: int) -> None:
+        super().__init__(error, f"{os.strerror(error)} (netlink request {seq})")
+        self.seq = seq
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One netlink message of a reply: its header's type, flags and sequence number, and what follows."""
+
+    kind: int
+    flags: int
+    seq: int
+    payload: bytes
+
+
+def _aligned(length: int) -> int:
+    return (length + 3) & ~3
+
+
+def _error_code(message_kind: int, payload: bytes, seq: int) -> int:
+    """The positive errno an NLMSG_ERROR or NLMSG_DONE carries (0: success)."""
+    if len(payload) < _ERRHDR.size:
+        raise MalformedReply(f"netlink message type {message_kind} of request {seq} without its error code")
+    error: int = _ERRHDR.unpack_from(payload)[0]
+    return -error
+
+
+def parse_messages(data: bytes, seq: int | None = None) -> Iterator[Message]:
+    """The netlink messages of one received buffer, up to and including NLMSG_DONE.
+
+    With ``seq``, only the answers to that request: whatever is left of an earlier request that timed out is
+    passed over, its errors too. NLMSG_NOOP is passed over. An NLMSG_ERROR with an error, or an NLMSG_DONE
+    that ends a dump with one, raises :class:`NetlinkErrorReply`; an acknowledgement (error 0) is yielded.
+    """
+    offset, end = 0, len(data)
+    while offset < end:
+        if end - offset < _NLMSGHDR.size:
+            raise MalformedReply(f"{end - offset} bytes at offset {offset}: too short for a netlink header")
+        length, kind, flags, message_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
+        if length < _NLMSGHDR.size or offset + length > end:
+            raise MalformedReply(f"netlink message length {length} at offset {offset} of {end} bytes")
+        if seq is None or message_seq == seq:
+            payload = data[offset + _NLMSGHDR.size : offset + length]
+            if kind in (NLMSG_ERROR, NLMSG_DONE):
+                error = _error_code(kind, payload, message_seq)
+                if error:
+                    raise NetlinkErrorReply(message_seq, error)
+            if kind != NLMSG_NOOP:
+                yield Message(kind, flags, message_seq, payload)
+            if kind == NLMSG_DONE:
+                return
+        offset += _aligned(length)
+
+
+def parse_attributes(data: bytes, offset: int = 0) -> dict[int, bytes]:
+    """One level of attributes from ``offset`` on: type (flags masked off) -> payload; nests stay bytes."""
+    attributes: dict[int, bytes] = {}
+    end = len(data)
+    while offset < end:
+        if end - offset < _NLAHDR.size:
+            raise MalformedReply(f"{end - offset} bytes at offset {offset}: too short for an attribute")
+        length, kind = _NLAHDR.unpack_from(data, offset)
+        if length < _NLAHDR.size or offset + length > end:
+            raise MalformedReply(f"attribute length {length} at offset {offset} of {end} bytes")
+        attributes[kind & NLA_TYPE_MASK] = data[offset + _NLAHDR.size : offset + length]
+        offset += _aligned(length)
+    return attributes
+
+
+def _nested(message: Message, kind: int) -> dict[int, bytes]:
+    """The attributes inside the top-level nest ``kind`` of a generic-netlink message."""
+    if len(message.payload) < _GENLHDR.size:
+        raise MalformedReply(f"message of request {message.seq}: too short for a generic netlink header")
+    nest = parse_attributes(message.payload, _GENLHDR.size).get(kind)
+    if nest is None:
+        raise MalformedReply(f"message of request {message.seq} without attribute {kind}")
+    return parse_attributes(nest)
+
+
+def _number(attributes: Mapping[int, bytes], kind: int, layout: struct.Struct) -> int:
+    payload = attributes.get(kind)
+    if payload is None:
+        raise MalformedReply(f"attribute {kind} missing")
+    if len(payload) < layout.size:
+        raise MalformedReply(f"attribute {kind}: {len(payload)} bytes, {layout.size} expected")
+    value: int = layout.unpack_from(payload)[0]
+    return value
+
+
+def _optional_number(attributes: Mapping[int, bytes], kind: int, layout: struct.Struct) -> int | None:
+    return _number(attributes, kind, layout) if kind in attributes else None
+
+
+def _address(attributes: Mapping[int, bytes], kind: int, family: int) -> IPAddress:
+    payload = attributes.get(kind, b"")
+    if family == socket.AF_INET and len(payload) >= 4:
+        return IPv4Address(payload[:4])
+    if family == socket.AF_INET6 and len(payload) >= 16:
+        return IPv6Address(payload[:16])
+    raise MalformedReply(f"attribute {kind}: {len(payload)} bytes, not an address of family {family}")
+
+
+def _text(attributes: Mapping[int, bytes], kind: int) -> str:
+    payload = attributes.get(kind)
+    if payload is None:
+        raise MalformedReply(f"attribute {kind} missing")
+    try:
+        return payload.split(b"\0", 1)[0].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise MalformedReply(f"attribute {kind}: not an ASCII name: {payload!r}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class DumpedService:
+    """One virtual server of a service dump. A firewall-mark one has ``fwmark`` set and no address."""
+
+    protocol: int  # IPPROTO_*; 0 for a firewall-mark virtual server
+    family: int
+    address: IPAddress | None
+    port: int
+    fwmark: int
+    scheduler: str
+    flags: int  # IP_VS_SVC_F_*
+    timeout: int  # persistence, seconds
+
+
+@dataclass(frozen=True, slots=True)
+class DumpedDest:
+    """One real server of a destination dump."""
+
+    address: IPAddress
+    port: int
+    weight: int
+    active_connections: int
+    inactive_connections: int
+    forward: int  # IP_VS_CONN_F_FWD_MASK bits: 0 masquerade (NAT), 1 local, 2 tunnel, 3 route
+    family: int | None  # IPVS_DEST_ATTR_ADDR_FAMILY: sent since Linux 4.x, absent before
+
+
+def decode_service(message: Message) -> DumpedService:
+    """A service dump's message. The kernel sends the key as FWMARK alone or as PROTOCOL, ADDR and PORT."""
+    attributes = _nested(message, ATTR_SERVICE)
+    family = _number(attributes, SVC_AF, _U16)
+    fwmark = _optional_number(attributes, SVC_FWMARK, _U32) or 0
+    address = None if fwmark else _address(attributes, SVC_ADDR, family)
+    flags = attributes.get(SVC_FLAGS, b"")
+    if len(flags) < _FLAGS.size:  # struct ip_vs_flags: flags, then the mask (always ~0 in a dump)
+        raise MalformedReply(f"attribute {SVC_FLAGS}: {len(flags)} bytes, {_FLAGS.size} expected")
+    return DumpedService(
+        protocol=0 if fwmark else _number(attributes, SVC_PROTOCOL, _U16),
+        family=family,
+        address=address,
+        port=0 if fwmark else _number(attributes, SVC_PORT, _BE16),
+        fwmark=fwmark,
+        scheduler=_text(attributes, SVC_SCHED_NAME),
+        flags=_FLAGS.unpack_from(flags)[0],
+        timeout=_number(attributes, SVC_TIMEOUT, _U32),
+    )
+
+
+def decode_dest(message: Message, service_family: int) -> DumpedDest:
+    """A destination dump's message; the address is in the service's family unless the dest names its own."""
+    attributes = _nested(message, ATTR_DEST)
+    family = _optional_number(attributes, DEST_ADDR_FAMILY, _U16)
+    return DumpedDest(
+        address=_address(attributes, DEST_ADDR, family or service_family),
+        port=_number(attributes, DEST_PORT, _BE16),
+        weight=_number(attributes, DEST_WEIGHT, _U32),
+        active_connections=_number(attributes, DEST_ACTIVE_CONNS, _U32),
+        inactive_connections=_number(attributes, DEST_INACT_CONNS, _U32),
+        forward=_number(attributes, DEST_FWD_METHOD, _U32),
+        family=family,
+    )
