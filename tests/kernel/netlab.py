@@ -829,7 +829,9 @@ def parse_ipvs(text: str) -> IPVSTable:
             return
         head, reals = current
         if head[0] == "FWM":
-            fwmark.append(FwmarkEntry(int(head[1]), head[2], tuple(reals)))
+            # An IPv6 firewall-mark service reads "FWM  8 IPv6 sh": the family comes before the scheduler.
+            scheduler = head[3] if head[2] == "IPv6" and len(head) > 3 else head[2]
+            fwmark.append(FwmarkEntry(int(head[1]), scheduler, tuple(reals)))
             return
         address, port = parse_endpoint(head[1])
         flags, persistence, netmask, one_packet = _parse_options(head[2], head[3:])

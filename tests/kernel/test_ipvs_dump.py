@@ -308,19 +308,7 @@ def test_raw_dumps_agree_with_ipvsadm(runner: asyncio.Runner, raw_socket: BatchS
     raw_fwmarks = {(service.fwmark, service.scheduler) for service in services if service.fwmark}
 
     assert raw_view == ipvsadm_view
-    assert raw_fwmarks == ipvsadm_fwmarks()
-
-
-def ipvsadm_fwmarks() -> set[tuple[int, str]]:
-    """(mark, scheduler) of ``ipvsadm -Ln``'s firewall-mark lines, read here because netlab's parser takes
-    the ``IPv6`` of ``FWM  8 IPv6 sh`` for the scheduler."""
-    found = set()
-    for line in netlab.ipvsadm("-Ln").splitlines():
-        words = line.split()
-        if words and words[0] == "FWM":
-            scheduler = words[3] if words[2] == "IPv6" else words[2]
-            found.add((int(words[1]), scheduler))
-    return found
+    assert raw_fwmarks == {(entry.fwmark, entry.scheduler) for entry in table.fwmark_servers}
 
 
 @pytest.mark.usefixtures("varied_table")
