@@ -144,6 +144,8 @@ class Settings:
     audit_period: float = 60.0
     drain_check_period: float = 5.0
     drain_grace_period: float = DEFAULT_GRACE_PERIOD
+    # How often a kubeconfig's token is re-read (exec plugin, tokenFile: aproxy/sources/credentials.py).
+    credential_renewal_period: float = 60.0
     retry: SyncRetry = field(default_factory=SyncRetry)
     backend: BackendKind = "ipvs"
     ipvs: IPVSSettings = field(default_factory=IPVSSettings)
@@ -169,7 +171,7 @@ class Settings:
             problems.append("the minimum sync period must be >= 0")
         if self.sync_period <= 0 or self.sync_period < self.min_sync_period:
             problems.append("the sync period must be > 0 and >= the minimum sync period")
-        for name in ("audit_period", "drain_check_period"):
+        for name in ("audit_period", "drain_check_period", "credential_renewal_period"):
             if getattr(self, name) <= 0:
                 problems.append(f"{name.replace('_', ' ')} must be > 0")
         if self.drain_grace_period < 0:
@@ -347,10 +349,15 @@ class Daemon:
         except ImportError as exc:
             raise StartupError(f"the Kubernetes source is not available: {exc}") from exc
         try:
-            self._kube_config = await kubernetes.load_config(self.settings.kubeconfig, self.settings.master)
+            cluster = await kubernetes.load_config(
+                self.settings.kubeconfig,
+                self.settings.master,
+                renewal_interval=self.settings.credential_renewal_period,
+            )
         except kubernetes.KubernetesConfigError as exc:
             raise StartupError(str(exc)) from exc
-        source = kubernetes.KubernetesSource(self._kube_config)
+        self._kube_config = cluster.configuration
+        source = kubernetes.KubernetesSource(self._kube_config, renewal=cluster.renewal)
         self._watch_node = functools.partial(source.watch_node, self.settings.node_name, self._node_changed)
         return source
 

@@ -266,7 +266,7 @@ async def tracker_from_cluster(args: argparse.Namespace) -> ChangeTracker:
 
     from aproxy.sources import kubernetes
 
-    config = await kubernetes.load_config(args.kubeconfig, args.master)
+    config = (await kubernetes.load_config(args.kubeconfig, args.master)).configuration
     tracker = ChangeTracker()
     await kubernetes.snapshot(config, tracker)
     if not args.node_ip:

@@ -59,6 +59,13 @@ SOURCE_COUNTERS: Final[tuple[tuple[str, str, str, str | None], ...]] = (
     ("watch_restarts_total", "source_watch_restarts", "Watches opened after the first one.", None),
     ("errors_total", "source_errors", "Failed requests to the API server, by kind.", "kind"),
     ("malformed_events", "source_malformed_events", "Watch lines skipped as malformed.", None),
+    ("credential_renewals", "source_credential_renewals", "Kubeconfig token renewals that changed it.", None),
+    (
+        "credential_renewal_failures",
+        "source_credential_renewal_failures",
+        "Kubeconfig token renewals that failed (the current token is kept).",
+        None,
+    ),
 )
 
 

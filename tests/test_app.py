@@ -44,6 +44,7 @@ from aproxy.core.model import AddVirtualServer, DeleteVirtualServer, L4Protocol,
 from aproxy.core.model import VirtualServerKey as VSKey
 from aproxy.core.state import IPVSState
 from aproxy.sources.base import ObjectSink
+from aproxy.sources.kubernetes import KubernetesSource
 from aproxy.web.server import ListenAddress
 from tests.core.k8s import endpoint, endpoint_slice, port, service, slice_port
 from tests.fakeapi import fixtures
@@ -614,6 +615,42 @@ def test_kubernetes_source_with_node_addresses_from_the_api(fake_api: FakeApiSer
     assert keys == {VSKey(L4Protocol.TCP, ip_address("10.96.0.1"), 80), node_port}
     assert set(backend.dump_sync().real_servers(node_port)) == {real("10.244.1.5"), real("10.244.1.6")}
     assert backend.applied == {"bind_address": 1, "add_virtual_server": 2, "add_real_server": 4}
+
+
+def test_the_daemon_renews_a_kubeconfig_token_before_the_old_one_is_refused(
+    fake_api: FakeApiServer, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("one\n")  # a trailing newline, as an operator's editor leaves it
+    kubeconfig = fake_api.write_kubeconfig(tmp_path / "kubeconfig", user={"tokenFile": str(token)})
+    fake_api.require_tokens("one")
+    fake_api.create("services", web_service())
+    fake_api.create("endpointslices", slice_of("web", "10.244.1.5"))
+    backend = MemoryBackend()
+    daemon = Daemon(settings(kubeconfig=kubeconfig, credential_renewal_period=0.01), backend=backend)
+
+    async def scenario() -> int:
+        async with running(daemon):
+            await until(daemon, lambda: daemon.initial_sync_done)
+            source = daemon.source
+            assert isinstance(source, KubernetesSource)
+            token.write_text("two\n")  # rotated
+            async with asyncio.timeout(STEP):
+                while source.credential_renewals == 0:  # noqa: ASYNC110 (a counter: no event to wait on)
+                    await asyncio.sleep(0.01)
+            fake_api.require_tokens("two")  # the old token expires
+            fake_api.clear_requests()
+            fake_api.end_streams()
+            fake_api.create("endpointslices", slice_of("web", "10.244.1.6", slice_name="web-2"))
+            await until(daemon, lambda: backend.applied["add_real_server"] == 2)
+            _, exposition = await get(daemon.web.metrics_port, "/metrics")
+            return source.credential_renewals, exposition
+
+    renewals, exposition = fake_api.run(scenario(), timeout=TIMEOUT)
+    assert renewals == 1
+    assert b"aproxy_source_credential_renewals_total 1.0" in exposition
+    assert b"aproxy_source_credential_renewal_failures_total 0.0" in exposition
+    assert fake_api.requests and {record.token for record in fake_api.requests} == {"two"}
 
 
 def test_healthz_fails_while_the_node_is_tainted_for_removal_or_deleted(

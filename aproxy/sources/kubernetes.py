@@ -62,6 +62,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from aproxy.core.model import IPAddress
 from aproxy.core.objects import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL, parse_ip
 from aproxy.sources.base import ListedKind, ObjectSink
+from aproxy.sources.credentials import DEFAULT_RENEWAL_INTERVAL, CredentialRenewal, bearer_token
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,16 @@ _RETRYABLE: Final = (KubernetesSourceError,)
 # --- configuration ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """The client configuration and, when it came from a kubeconfig, what keeps its token current (run it
+    beside the clients that use ``configuration``: ``KubernetesSource`` does). In a pod, kubernetes_asyncio
+    re-reads the service-account token by itself."""
+
+    configuration: Configuration
+    renewal: CredentialRenewal | None = None
+
+
 async def load_config(
     kubeconfig: Path | None = None,
     master: str | None = None,
@@ -180,7 +191,8 @@ async def load_config(
     environ: Mapping[str, str] | None = None,
     token_file: Path = Path(SERVICE_TOKEN_FILENAME),
     cert_file: Path = Path(SERVICE_CERT_FILENAME),
-) -> Configuration:
+    renewal_interval: float = DEFAULT_RENEWAL_INTERVAL,
+) -> ClusterConfig:
     """The client configuration, from the first of:
 
     1. ``kubeconfig`` (``--kubeconfig``), then the ``KUBECONFIG`` variable (paths joined by ``os.pathsep``):
@@ -196,12 +208,14 @@ async def load_config(
     # Existence checks and file reads happen in a worker thread: the loop never waits on the disk.
     origin = await asyncio.to_thread(_config_origin, explicit, env, token_file)
     configuration = Configuration()
+    renewal = None
     try:
         if origin == "in-cluster":
             loader = InClusterConfigLoader(str(token_file), str(cert_file), environ=dict(env))
             await asyncio.to_thread(loader.load_and_set, configuration)
         elif origin:
-            await _load_kubeconfig(origin, configuration)
+            kubeconfig_loader = await _load_kubeconfig(origin, configuration)
+            renewal = CredentialRenewal(kubeconfig_loader, configuration, renewal_interval)
         elif not master:
             raise KubernetesConfigError(
                 "no cluster configuration: not running in a pod, no --kubeconfig, KUBECONFIG or "
@@ -211,7 +225,7 @@ async def load_config(
         raise KubernetesConfigError(f"invalid cluster configuration: {error}") from error
     if master:
         configuration.host = master.rstrip("/")
-    return configuration
+    return ClusterConfig(configuration, renewal)
 
 
 def _config_origin(explicit: str, env: Mapping[str, str], token_file: Path) -> str:
@@ -224,12 +238,14 @@ def _config_origin(explicit: str, env: Mapping[str, str], token_file: Path) -> s
     return str(default) if default.exists() else ""
 
 
-async def _load_kubeconfig(paths: str, configuration: Configuration) -> None:
+async def _load_kubeconfig(paths: str, configuration: Configuration) -> KubeConfigLoader:
     merger = await asyncio.to_thread(KubeConfigMerger, paths)
     if merger.config is None:
         raise KubernetesConfigError(f"kubeconfig not found: {paths}")
     loader = KubeConfigLoader(config_dict=merger.config, config_base_path=None)
     await loader.load_and_set(configuration)
+    bearer_token(configuration)  # strips a token file's trailing newline
+    return loader
 
 
 # --- resources ----------------------------------------------------------------------------------------------
@@ -384,7 +400,8 @@ class KubernetesSource:
     the first, per resource), ``errors_total`` (by kind: connection, stream, server, throttled, permission,
     expired, request, protocol, not_found), ``malformed_events``; ``listed`` (both kinds listed once),
     ``last_event_time`` (``time.time()`` of the last list, event or bookmark: staleness) and
-    ``last_retry_delay`` (the last backoff chosen, seconds).
+    ``last_retry_delay`` (the last backoff chosen, seconds); ``credential_renewals`` and
+    ``credential_renewal_failures`` when given a kubeconfig's ``renewal``, which ``run`` keeps running.
     """
 
     def __init__(
@@ -396,8 +413,10 @@ class KubernetesSource:
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
         list_timeout: float = DEFAULT_LIST_TIMEOUT,
         retry: RetryPolicy | None = None,
+        renewal: CredentialRenewal | None = None,
     ) -> None:
         self._configuration = configuration
+        self._renewal = renewal
         self._page_size = page_size
         self._watch_timeout = watch_timeout
         self._stall_timeout = stall_timeout
@@ -431,8 +450,20 @@ class KubernetesSource:
         """How many objects of ``kind`` the source knows (and the sink was given)."""
         return len(self._states[kind].versions)
 
+    @property
+    def credential_renewals(self) -> int:
+        """Renewals that changed the kubeconfig's token (``load_config``'s ``ClusterConfig.renewal``)."""
+        return self._renewal.renewals if self._renewal is not None else 0
+
+    @property
+    def credential_renewal_failures(self) -> int:
+        return self._renewal.failures if self._renewal is not None else 0
+
     async def run(self, sink: ObjectSink) -> None:
         async with ApiClient(self._configuration) as client, asyncio.TaskGroup() as group:
+            if self._renewal is not None:
+                # The node watch shares the configuration: the token renewed here serves it too.
+                group.create_task(self._renewal.run(), name="aproxy-credentials")
             for kind, state in self._states.items():
                 group.create_task(
                     self._follow(client, state, _sink_feed(kind, sink)), name=f"aproxy-watch-{kind}"

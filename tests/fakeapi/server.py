@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -95,6 +95,7 @@ class RequestRecord:
     resource: str | None  # plural, e.g. "services"
     namespace: str | None = None
     name: str | None = None
+    token: str | None = None  # the bearer token of its Authorization header
 
 
 @dataclass(slots=True)
@@ -232,6 +233,7 @@ class FakeApiServer:
         self._requests: list[RequestRecord] = []
         self._failures: list[_Failure] = []
         self._forbidden: set[tuple[str, str]] = set()
+        self._tokens: frozenset[str] | None = None  # None: credentials are not checked
         self._expire_watches: list[str | None] = []
         self._watches: set[_Watch] = set()
         self._flowing = asyncio.Event()
@@ -288,16 +290,19 @@ class FakeApiServer:
         """A new ApiClient for this server; use `async with` (it owns an aiohttp session)."""
         return ApiClient(configuration=self.configuration())
 
-    def write_kubeconfig(self, path: Path, token: str = "fake-token") -> Path:
+    def write_kubeconfig(
+        self, path: Path, token: str = "fake-token", *, user: Mapping[str, Any] | None = None
+    ) -> Path:
         """A kubeconfig naming this server (JSON is valid YAML), for code that takes `--kubeconfig PATH`.
 
-        The server ignores credentials; the token only makes the client send an Authorization header.
+        Its user has ``token``, or is ``user`` (a kubeconfig user entry: tokenFile, exec, ...). The server
+        ignores credentials unless a test calls ``require_tokens``.
         """
         kubeconfig = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "fakeapi", "cluster": {"server": self.url}}],
-            "users": [{"name": "aproxy", "user": {"token": token}}],
+            "users": [{"name": "aproxy", "user": dict(user) if user is not None else {"token": token}}],
             "contexts": [{"name": "fakeapi", "context": {"cluster": "fakeapi", "user": "aproxy"}}],
             "current-context": "fakeapi",
         }
@@ -470,6 +475,12 @@ class FakeApiServer:
     def allow(self, resource: str, verb: str = "*") -> None:
         self._forbidden.discard((resolve(resource).plural, verb))
 
+    def require_tokens(self, *tokens: str) -> None:
+        """Answer 401 Unauthorized to every new request whose bearer token is not one of ``tokens``, as the
+        real server's authentication does before anything else; no tokens: accept any again (the default).
+        Streams already open are not cut: the real server checks credentials once per request."""
+        self._tokens = frozenset(tokens) if tokens else None
+
     async def go_down(self) -> None:
         """Stop listening and drop every connection: clients get connection refused until `come_back()`."""
         if self._site is not None:
@@ -554,12 +565,15 @@ class FakeApiServer:
             resource=target.resource.plural if target.resource else None,
             namespace=target.namespace,
             name=target.name,
+            token=_bearer_token(request.headers.get("Authorization", "")),
         )
         self._requests.append(record)
         self._changes.notify()
         return record
 
     def _admit(self, request: web.Request, record: RequestRecord, target: Target) -> None:
+        if self._tokens is not None and record.token not in self._tokens:
+            raise StatusError(statuses.unauthorized())
         for failure in self._failures:
             if failure.applies(record):
                 failure.remaining -= 1
@@ -782,6 +796,13 @@ class FakeApiServer:
 async def _bounded(coro: Awaitable[T], seconds: float) -> T:
     async with asyncio.timeout(seconds):
         return await coro
+
+
+def _bearer_token(authorization: str) -> str | None:
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
 
 
 async def _cut(request: web.Request, response: web.StreamResponse, line: bytes, mode: CutMode) -> None:

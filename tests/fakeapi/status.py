@@ -132,6 +132,11 @@ def forbidden(resource: ResourceType, verb: str, namespace: str | None, name: st
     return Status(403, f"{subject} is forbidden: {reason}", details=_details(resource, name))
 
 
+def unauthorized() -> Status:
+    """A request without an accepted bearer token: the server says no more than this."""
+    return Status(401, "Unauthorized")
+
+
 def injected(code: int, retry_after: int | None, message: str) -> Status:
     """A failure injected by a test, with the body the server sends for that code."""
     headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}

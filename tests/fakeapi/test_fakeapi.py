@@ -949,6 +949,25 @@ def test_forbidden_is_403_with_the_rbac_message(
     assert body["details"]["kind"] == resource
 
 
+def test_required_tokens_answer_401_to_other_credentials_and_log_the_token(fake_api: FakeApiServer) -> None:
+    fake_api.require_tokens("good")
+
+    async def scenario() -> tuple[int, int]:
+        configuration = fake_api.configuration()
+        async with ClosingApiClient(configuration) as api_client:
+            api = client.CoreV1Api(api_client)
+            with pytest.raises(ApiException) as caught:
+                await api.list_service_for_all_namespaces()
+            configuration.api_key["BearerToken"] = "Bearer good"
+            listed = await api.list_service_for_all_namespaces()
+            return caught.value.status, len(listed.items)
+
+    status, items = fake_api.run(scenario())
+    assert (status, items) == (401, 0)
+    first, second = fake_api.requests
+    assert (first.token, second.token) == (None, "good")
+
+
 def test_forbidden_watch_reaches_watch_as_api_exception(fake_api: FakeApiServer) -> None:
     fake_api.forbid("services", "watch")
 

@@ -680,9 +680,9 @@ def test_load_config_from_kubeconfig_with_master_override(fake_api: FakeApiServe
     path = fake_api.write_kubeconfig(tmp_path / "kubeconfig", token="secret")
 
     async def scenario() -> tuple[str, str, str, str]:
-        from_file = await load_config(path, environ={})
-        from_env = await load_config(None, environ={"KUBECONFIG": str(path)})
-        overridden = await load_config(path, "https://api.example:6443/", environ={})
+        from_file = (await load_config(path, environ={})).configuration
+        from_env = (await load_config(None, environ={"KUBECONFIG": str(path)})).configuration
+        overridden = (await load_config(path, "https://api.example:6443/", environ={})).configuration
         return str(from_file.host), from_file.api_key["BearerToken"], str(from_env.host), str(overridden.host)
 
     host, token, env_host, overridden = fake_api.run(scenario(), timeout=TIMEOUT)
@@ -700,7 +700,11 @@ def test_load_config_in_a_pod_uses_the_service_account(fake_api: FakeApiServer, 
     async def scenario() -> tuple[str, str, str]:
         pod = await load_config(environ=environ, token_file=token, cert_file=cert)
         explicit = await load_config(kubeconfig, environ=environ, token_file=token, cert_file=cert)
-        return str(pod.host), pod.api_key["BearerToken"], str(explicit.host)
+        return (
+            str(pod.configuration.host),
+            pod.configuration.api_key["BearerToken"],
+            str(explicit.configuration.host),
+        )
 
     pod_host, pod_token, explicit_host = fake_api.run(scenario(), timeout=TIMEOUT)
     assert (pod_host, pod_token) == ("https://10.96.0.1:443", "Bearer pod-token")
@@ -715,7 +719,9 @@ def test_load_config_without_any_configuration_is_a_clear_error(
     async def scenario() -> str:
         with pytest.raises(KubernetesConfigError) as caught:
             await load_config(environ={}, token_file=tmp_path / "missing")
-        only_master = await load_config(None, "http://127.0.0.1:8001", environ={}, token_file=tmp_path / "x")
+        only_master = (
+            await load_config(None, "http://127.0.0.1:8001", environ={}, token_file=tmp_path / "x")
+        ).configuration
         return f"{caught.value}|{only_master.host}"
 
     message, host = fake_api.run(scenario(), timeout=TIMEOUT).split("|")
