@@ -10,7 +10,8 @@ Both the daemon's sync loop and ``aproxy sync`` drive this class: a one-shot syn
 - ``drain()``: delete the drained TCP real servers whose connections are gone or whose grace period is over.
 
 A failed operation leaves the applied state as it was; its service is retried on the next sync. An answer
-that says the applied state was wrong (EEXIST, ENOENT, ...) first re-reads the kernel for that object.
+that says the applied state was wrong (EEXIST, ENOENT, ...) first re-reads the kernel for just that object
+(``Backend.read``, not a full dump: one stray EEXIST must not cost a pass over the whole node).
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ class Syncer:
                 keys.add(key)
             elif isinstance(result.operation, BindAddress | UnbindAddress):
                 addresses.add(result.operation.address)
-        self.planner.reconcile(await self._backend.dump(), keys, addresses)
+        self.planner.reconcile(await self._backend.read(keys, addresses), keys, addresses)
 
     def _log_conflicts(self, plan: Plan) -> None:
         for conflict in plan.conflicts:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine, Sequence
-from errno import EIO
+from errno import EADDRNOTAVAIL, EEXIST, EIO, ENOENT, ESRCH
 from ipaddress import ip_address
 from typing import Any, TypeVar
 
@@ -18,17 +18,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aproxy.backends.base import BackendError, OperationResult, RealServerConnections
-from aproxy.backends.memory import MemoryBackend
+from aproxy.backends.memory import MemoryBackend, Read
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.drain import DrainClock
 from aproxy.core.model import (
     AddRealServer,
+    AddVirtualServer,
+    BindAddress,
+    DeleteRealServer,
     DeleteVirtualServer,
     L4Protocol,
     Operation,
+    RealServer,
     RealServerKey,
     UnbindAddress,
     VirtualServerKey,
+    VirtualServerSpec,
 )
 from aproxy.core.objects import ServiceInfo, SliceInfo, parse_service, parse_slice
 from aproxy.core.state import IPVSState
@@ -417,5 +422,150 @@ def test_changes_taken_by_a_sync_that_could_not_reach_the_kernel_are_not_lost() 
         report = await syncer.sync()
         assert [r.operation.name for r in report.results] == ["add_real_server"]
         assert backend.dump_sync().weight(VIRTUAL, real("10.244.0.2")) == 1
+
+    run(scenario())
+
+
+# --- a state mismatch re-reads only the objects concerned ---------------------------------------------------
+
+VIP = ip_address("10.96.0.1")
+OTHER_VIRTUAL = VirtualServerKey(L4Protocol.TCP, ip_address("10.96.0.2"), 80)
+
+
+def other_service() -> list[dict[str, Any]]:
+    return [
+        service("other", cluster_ips="10.96.0.2", ports=[port("http", 80)]),
+        endpoint_slice("other", endpoints=[endpoint("10.244.0.5")], ports=[slice_port()]),
+    ]
+
+
+def _identity(obj: dict[str, Any]) -> tuple[str, str]:
+    return obj["kind"], obj["metadata"]["name"]
+
+
+def move_to(tracker: ChangeTracker, start: list[dict[str, Any]], end: list[dict[str, Any]]) -> None:
+    """Upsert every object of ``end`` (those unchanged since ``start`` mark nothing dirty); delete the
+    others of ``start``."""
+    for obj in end:
+        (tracker.upsert_service if obj["kind"] == "Service" else tracker.upsert_slice)(obj)
+    kept = {_identity(obj) for obj in end}
+    for obj in start:
+        if _identity(obj) not in kept:
+            delete = tracker.delete_service if obj["kind"] == "Service" else tracker.delete_slice
+            delete("default", obj["metadata"]["name"])
+
+
+@pytest.mark.parametrize(
+    ("start", "behind_its_back", "end", "refused", "read", "repairs"),
+    [
+        pytest.param(
+            [web(), web_slice("10.244.0.1")],
+            [AddRealServer(VIRTUAL, RealServer(ip_address("10.244.0.2"), 8080, 5))],
+            [web(), web_slice("10.244.0.1", "10.244.0.2", rv="2")],
+            ("add_real_server", EEXIST),
+            Read(frozenset({VIRTUAL}), frozenset()),
+            ["update_real_server"],  # the weight someone else gave it is set right
+            id="real-server-added-behind-its-back-eexist",
+        ),
+        pytest.param(
+            [web(), web_slice("10.244.0.1", "10.244.0.2")],
+            [DeleteRealServer(VIRTUAL, real("10.244.0.2"))],
+            [web(), web_slice("10.244.0.1", rv="2")],
+            ("update_real_server", ENOENT),  # the drain's weight 0 of a real server that is gone
+            Read(frozenset({VIRTUAL}), frozenset()),
+            [],
+            id="real-server-deleted-behind-its-back-enoent",
+        ),
+        pytest.param(
+            [web(), web_slice("10.244.0.1")],
+            [DeleteVirtualServer(VIRTUAL)],
+            [web(), web_slice("10.244.0.1", "10.244.0.2", rv="2")],
+            ("add_real_server", ESRCH),
+            Read(frozenset({VIRTUAL}), frozenset()),
+            ["add_virtual_server", "add_real_server", "add_real_server"],  # read as absent: added back whole
+            id="virtual-server-deleted-behind-its-back-esrch",
+        ),
+        pytest.param(
+            [],
+            [BindAddress(VIP)],
+            [web(), web_slice("10.244.0.1")],
+            ("bind_address", EEXIST),
+            Read(frozenset(), frozenset({VIP})),
+            [],
+            id="address-bound-behind-its-back-eexist",
+        ),
+        pytest.param(
+            [web(), web_slice("10.244.0.1")],
+            [UnbindAddress(VIP)],
+            [],
+            ("unbind_address", EADDRNOTAVAIL),
+            Read(frozenset(), frozenset({VIP})),
+            [],
+            id="address-unbound-behind-its-back-eaddrnotavail",
+        ),
+    ],
+)
+def test_a_state_mismatch_reads_only_that_object_and_the_next_sync_converges(
+    start: list[dict[str, Any]],
+    behind_its_back: list[Operation],
+    end: list[dict[str, Any]],
+    refused: tuple[str, int],
+    read: Read,
+    repairs: list[str],
+) -> None:
+    async def scenario() -> None:
+        tracker = listed_tracker(*start, *other_service())
+        backend = MemoryBackend()
+        syncer = Syncer(tracker, CTX, backend, drain_clock=DrainClock(grace_period=0))
+        await syncer.start()
+        assert (backend.dumps, backend.reads) == (1, [])  # start adopts the kernel's state: one full dump
+        assert all(result.ok for result in backend.apply_sync(behind_its_back))
+        move_to(tracker, start, end)
+
+        mismatched = await syncer.sync()
+
+        assert [(r.operation.name, r.errno) for r in mismatched.failures] == [refused]
+        assert backend.dumps == 1  # no second full dump ...
+        assert backend.reads == [read]  # ... one read of exactly the object the kernel disagreed about
+
+        repaired = await syncer.sync()
+        await syncer.drain()
+
+        assert repaired.ok and [r.operation.name for r in repaired.results] == repairs
+        assert backend.dump_sync() == from_scratch(
+            [o for o in [*end, *other_service()] if o["kind"] == "Service"],
+            [o for o in [*end, *other_service()] if o["kind"] != "Service"],
+        )
+        assert (await syncer.sync()).results == ()
+        assert (backend.dumps, len(backend.reads)) == (1, 1)
+
+    run(scenario())
+
+
+def test_a_read_holds_only_the_virtual_servers_and_addresses_asked_for() -> None:
+    async def scenario() -> None:
+        backend = MemoryBackend()
+        programmed: list[Operation] = [
+            BindAddress(VIP),
+            BindAddress(OTHER_VIRTUAL.address),
+            AddVirtualServer(VIRTUAL, VirtualServerSpec("sh", 60, frozenset({"flag-2"}))),
+            AddRealServer(VIRTUAL, RealServer(ip_address("10.244.0.1"), 8080, 3)),
+            AddVirtualServer(OTHER_VIRTUAL, VirtualServerSpec()),
+            AddRealServer(OTHER_VIRTUAL, RealServer(ip_address("10.244.0.5"), 8080, 1)),
+        ]
+        assert all(result.ok for result in backend.apply_sync(programmed))
+        # Nothing in memory is foreign: a virtual server the backend does not hold is one it does not own.
+        not_owned = VirtualServerKey(L4Protocol.UDP, VIP, 53)
+        unbound = ip_address("10.96.0.99")
+
+        state = await backend.read([VIRTUAL, not_owned], [VIP, unbound])
+
+        expected = IPVSState()
+        for op in programmed[:1] + programmed[2:4]:
+            expected.apply(op)
+        assert state == expected
+        assert not state.has_virtual(not_owned) and not state.is_bound(unbound)
+        assert backend.reads == [Read(frozenset({VIRTUAL, not_owned}), frozenset({VIP, unbound}))]
+        assert backend.dumps == 0
 
     run(scenario())

@@ -1,13 +1,13 @@
-"""What the sync loop needs from a backend: apply operations in order, report each one's fate, dump state."""
+"""What the sync loop needs from a backend: apply operations in order, report each one's fate, read state."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from errno import EADDRNOTAVAIL, EEXIST, ENOENT, ESRCH
 from typing import Protocol
 
-from aproxy.core.model import Operation, RealServerKey, VirtualServerKey
+from aproxy.core.model import IPAddress, Operation, RealServerKey, VirtualServerKey
 from aproxy.core.state import IPVSState
 
 # The answers that mean "the applied state was wrong about this object", not "the kernel failed": the sync
@@ -17,7 +17,7 @@ STATE_MISMATCH_ERRNOS: frozenset[int] = frozenset({EEXIST, ENOENT, ESRCH, EADDRN
 
 
 class BackendError(Exception):
-    """The backend could not apply or dump at all (device gone, socket closed): no per-operation results."""
+    """The backend could not apply or read at all (device gone, socket closed): no per-operation results."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,17 @@ class Backend(Protocol):
 
     async def dump(self) -> IPVSState:
         """The state aproxy owns on this node (foreign virtual servers left out)."""
+        ...
+
+    async def read(self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]) -> IPVSState:
+        """The owned state of just these virtual servers (spec, real servers with weights) and these addresses
+        (bound or not): what the sync loop reconciles after a state-mismatch answer, at the cost of the
+        objects asked for, not of the whole node.
+
+        An unowned or absent virtual server is absent from the result, exactly as ``dump()`` would show it;
+        nothing else is read, and no repair is done (the audit's ``dump()`` does that). Raises BackendError
+        only when nothing could be read.
+        """
         ...
 
     async def connections(self, key: VirtualServerKey) -> Mapping[RealServerKey, RealServerConnections]:

@@ -3,16 +3,18 @@
 - Writes go through :class:`BatchSocket`: many generic-netlink requests per ``sendmsg``, each with its own
   sequence number, an acknowledgement asked only on the last; every error comes back with the sequence
   number of its request, so each failure is attributed to its operation.
-- IPVS reads (dumps) go through the same raw socket, parsed by hand (ipvs_wire.py): one service dump, then
-  one destination dump per owned virtual server. pyroute2's decoding made a 1,000-service dump take seconds.
+- IPVS reads go through the same raw socket, parsed by hand (ipvs_wire.py). A full dump (start-up, audit):
+  one service dump, then one destination dump per owned virtual server; pyroute2's decoding made a
+  1,000-service dump take seconds. A read of a few virtual servers (reconciling after EEXIST, ENOENT, ...):
+  one get request per virtual server and one destination dump per one that exists, whatever the node holds.
 - The dummy device and its addresses go through pyroute2's asyncio API (``AsyncIPRoute``); ``AsyncIPVS``
   only resolves the IPVS generic-netlink family at open.
 - Ownership: aproxy changes only virtual servers whose address is bound on its dummy device, or that it
   created on another address (NodePorts on node addresses, external IPs that are node addresses) and recorded
   in its state file. Everything else in the kernel (keepalived's, an operator's) is invisible to it.
 - Around IPVS: the sysctls it needs (sysctl.py, at open), source NAT for node, hairpin and optionally other
-  traffic (masquerade.py: chains at open, hairpin set after every batch, both repaired at every dump), and
-  stale UDP conntrack entries deleted after every batch that removed UDP real servers (conntrack.py).
+  traffic (masquerade.py: chains at open, hairpin set after every batch, both repaired at every full dump),
+  and stale UDP conntrack entries deleted after every batch that removed UDP real servers (conntrack.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import AsyncIterable, Awaitable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
@@ -149,12 +151,12 @@ def _open_netlink_socket() -> socket.socket:
 
 
 class IPVSDumpError(BackendError):
-    """A dump reply that could not be parsed: nothing of that dump is used."""
+    """A dump (or get) reply that could not be parsed: nothing of that reply is used."""
 
 
 class BatchSocket:
     """A raw generic-netlink socket that sends IPVS requests in batches and maps acknowledgements back; it
-    also reads dumps.
+    also reads dumps, and single virtual servers.
 
     One request at a time: the backend's callers never overlap (the daemon's kernel task runs one pass after
     another), and a dump's replies are told from leftovers of a timed-out request by their sequence number.
@@ -169,6 +171,7 @@ class BatchSocket:
         self.batches_sent = 0
         self.dumps_sent = 0
         self.dump_receives = 0  # receives the dumps took: more than one per dump once a reply is large
+        self.gets_sent = 0  # requests for one virtual server (not dumps)
         self._sock = _open_netlink_socket()
         self._dump_unfinished = False
 
@@ -229,18 +232,61 @@ class BatchSocket:
         family = socket.AF_INET if key.address.version == 4 else socket.AF_INET6
         return [ipvs_wire.decode_dest(message, family) for message in await self._dump(request, seq)]
 
+    async def service(self, key: VirtualServerKey) -> ipvs_wire.DumpedService | None:
+        """One virtual server, foreign ones too, by its key: one request, one reply. None when the kernel has
+        no such virtual server (ESRCH); any other refusal raises ``NetlinkErrorReply`` as a dump's does."""
+        request = ipvs_wire.service_get_request(self._family_id, seq := next(self._seq), key)
+        try:
+            message = await self._get(request, seq)
+        except ipvs_wire.NetlinkErrorReply as exc:
+            if exc.errno == errno.ESRCH:
+                return None
+            raise
+        try:
+            return ipvs_wire.decode_service(message)
+        except ipvs_wire.MalformedReply as exc:
+            raise IPVSDumpError(f"unreadable IPVS service reply: {exc}") from exc
+
+    async def _get(self, request: bytes, seq: int) -> ipvs_wire.Message:
+        """Send one request that is not a dump; return its one reply message.
+
+        The kernel answers with a single message of the family, or an NLMSG_ERROR (raised by parse_messages);
+        no NLMSG_DONE follows, so the first message of ours ends the wait. Leftovers of an earlier request
+        that timed out carry other sequence numbers and are passed over. The timeout bounds each receive.
+        """
+        loop = asyncio.get_running_loop()
+        self._replace_socket_after_unfinished_dump()
+        await loop.sock_sendall(self._sock, request)
+        self.gets_sent += 1
+        try:
+            while True:
+                async with asyncio.timeout(self._settings.ack_timeout):
+                    data = await loop.sock_recv(self._sock, DUMP_RECEIVE_BYTES)
+                for message in ipvs_wire.parse_messages(data, seq):
+                    if message.kind == self._family_id:
+                        return message
+                    # An acknowledgement or a DONE (neither asked for): the kernel sent no virtual server.
+                    raise IPVSDumpError(f"IPVS answered request {seq} with message type {message.kind}")
+        except ipvs_wire.MalformedReply as exc:
+            raise IPVSDumpError(f"unreadable IPVS reply: {exc}") from exc
+
+    def _replace_socket_after_unfinished_dump(self) -> None:
+        """A dump left unfinished (timeout, unreadable part, cancellation) would keep running on this socket,
+        and the kernel refuses a second dump on it (EBUSY) until the first is read to its end: the next
+        request replaces the socket instead (not at once: the event loop may still hold the old one's
+        reader)."""
+        if self._dump_unfinished:
+            self._sock.close()
+            self._sock = _open_netlink_socket()
+            self._dump_unfinished = False
+
     async def _dump(self, request: bytes, seq: int) -> list[ipvs_wire.Message]:
         """Send one dump request; gather its messages from as many receives as it takes, to NLMSG_DONE.
 
         The timeout bounds each receive (no answer for that long), not the whole dump, whatever its size.
-        A dump left unfinished (timeout, unreadable part, cancellation) would keep running on this socket,
-        and the kernel refuses a second dump on it (EBUSY) until the first is read to its end: the next dump
-        replaces the socket instead (not at once: the event loop may still hold the old one's reader).
         """
         loop = asyncio.get_running_loop()
-        if self._dump_unfinished:
-            self._sock.close()
-            self._sock = _open_netlink_socket()
+        self._replace_socket_after_unfinished_dump()
         self._dump_unfinished = True
         finished = False
         try:
@@ -383,6 +429,11 @@ class IPVSBackend:
         """IPVS dump requests sent so far: one per service dump, one per virtual server's real servers."""
         return self._batch.dumps_sent if self._batch is not None else 0
 
+    @property
+    def netlink_gets_sent(self) -> int:
+        """IPVS requests for one virtual server sent so far (``read``: one per owned key asked for)."""
+        return self._batch.gets_sent if self._batch is not None else 0
+
     async def close(self) -> None:
         if self._batch is not None:
             self._batch.close()
@@ -426,6 +477,26 @@ class IPVSBackend:
                 await self._masquerade.resync(state)
             except MasqueradeError as exc:
                 log.error("source NAT repair failed", extra={"error": str(exc)})  # IPVS state still good
+        return state
+
+    async def read(self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]) -> IPVSState:
+        """The owned state of just these virtual servers and addresses, as ``dump()`` would show it.
+
+        One address dump of the device (ownership depends on it), then per owned key one get of the virtual
+        server and, when it exists, one dump of its real servers: the cost of the keys, not of the node. A
+        foreign key is not asked about at all. No source NAT repair: that is the audit's, through ``dump()``.
+        """
+        state = IPVSState()
+        self._bound = await self._device_addresses()
+        for address in addresses:
+            state.set_bound(address, address in self._bound)
+        for key in sorted(keys, key=VirtualServerKey.sort_key):
+            if not self._owns(key):
+                continue
+            spec = await self._service_spec(key)
+            if spec is not None:
+                reals = {real: weight for real, weight, _conns in await self._dump_dests(key)}
+                state.replace_virtual(key, spec, reals)
         return state
 
     # --- beyond the Protocol: what the drain and cleanup need -----------------------------------------------
@@ -561,6 +632,11 @@ class IPVSBackend:
                 continue  # firewall-mark and other-protocol services are never aproxy's
             services.append((VirtualServerKey(protocol, service.address, service.port), _spec_of(service)))
         return services
+
+    async def _service_spec(self, key: VirtualServerKey) -> VirtualServerSpec | None:
+        assert self._batch is not None, "IPVSBackend used before open()"
+        service = await self._batch.service(key)
+        return None if service is None else _spec_of(service)
 
     async def _dump_dests(
         self, key: VirtualServerKey

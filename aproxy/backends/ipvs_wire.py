@@ -7,9 +7,10 @@ failing message still answers with an ``NLMSG_ERROR`` that carries its own seque
 error back to its operation at a fraction of the cost. Packing with ``struct`` is ~20x cheaper than pyroute2's
 message classes, and tests compare these bytes with pyroute2's encoding of the same request.
 
-Dumps (the start-up adoption, the audit, the drain's connection counts) are parsed here too: pyroute2 decodes
-every attribute of every message into Python objects, stats included, which made a dump of 1,000 services
-take seconds. Only the few attributes a service proxy reads are decoded here; the rest are skipped unread.
+Dumps (the start-up adoption, the audit, the drain's connection counts) and the reconcile's read of single
+virtual servers are parsed here too: pyroute2 decodes every attribute of every message into Python objects,
+stats included, which made a dump of 1,000 services take seconds. Only the few attributes a service proxy
+reads are decoded here; the rest are skipped unread.
 
 Layouts (include/uapi/linux/ip_vs.h, netlink.h): nlmsghdr (len u32, type u16, flags u16, seq u32, pid u32),
 genlmsghdr (cmd u8, version u8, reserved u16), then attributes (len u16, type u16, payload, 4-byte aligned).
@@ -221,6 +222,16 @@ def pack_request(family_id: int, seq: int, command: int, attributes: bytes, *, a
 def services_dump_request(family_id: int, seq: int) -> bytes:
     """Every virtual server of the network namespace (no attributes: a dump cannot be filtered)."""
     return _pack(family_id, seq, NLM_F_REQUEST | NLM_F_DUMP, CMD_GET_SERVICE, b"")
+
+
+def service_get_request(family_id: int, seq: int, key: VirtualServerKey) -> bytes:
+    """One virtual server, named by the same key attributes a delete uses: not a dump (no NLM_F_DUMP).
+
+    The kernel (ip_vs_genl_get_cmd) answers with one IPVS_CMD_NEW_SERVICE message in the layout of a service
+    dump's (``decode_service`` reads it), or an NLMSG_ERROR with ESRCH when there is no such virtual server.
+    """
+    attributes = _attr(ATTR_SERVICE, service_key_attrs(key))
+    return _pack(family_id, seq, NLM_F_REQUEST, CMD_GET_SERVICE, attributes)
 
 
 def dests_dump_request(family_id: int, seq: int, key: VirtualServerKey) -> bytes:

@@ -189,6 +189,30 @@ def test_dests_dump_request_matches_pyroute2_encoding(key: VirtualServerKey) -> 
     assert ours == expected
 
 
+# --- the get request of one virtual server (the reconcile's read) -------------------------------------------
+
+GET_KEYS = [
+    pytest.param(
+        VirtualServerKey(protocol, ip_address(address), port), id=f"{family}-{protocol.value.lower()}"
+    )
+    for family, address, port in (("ipv4", "10.96.0.10", 53), ("ipv6", "fd00:10:96::a", 65535))
+    for protocol in (L4Protocol.TCP, L4Protocol.UDP, L4Protocol.SCTP)
+]
+
+
+@pytest.mark.parametrize("key", GET_KEYS)
+def test_service_get_request_matches_pyroute2_encoding(key: VirtualServerKey) -> None:
+    ours = ipvs_wire.service_get_request(FAMILY_ID, 79, key)
+    expected = _pyroute2_bytes(79, 4, [("IPVS_CMD_ATTR_SERVICE", _nest(_svc_key(key)))], ack=False)
+    assert ours == expected
+
+
+def test_service_get_request_is_not_a_dump() -> None:
+    # NLM_F_DUMP would make the kernel ignore the key and send every virtual server.
+    _length, _kind, flags, seq, _pid = struct.unpack_from("=IHHII", ipvs_wire.service_get_request(1, 80, V4))
+    assert (flags, seq) == (ipvs_wire.NLM_F_REQUEST, 80)
+
+
 # --- dump replies, in the kernel's layout -------------------------------------------------------------------
 
 NLA_F_NESTED = 0x8000
@@ -445,6 +469,23 @@ def test_decode_dest_agrees_with_pyroute2_decoder() -> None:
 
 
 # --- the messages of a received buffer ----------------------------------------------------------------------
+
+
+def test_a_get_reply_is_one_service_message_without_done() -> None:
+    # ip_vs_genl_get_cmd: one IPVS_CMD_NEW_SERVICE message, not flagged NLM_F_MULTI, and nothing after it.
+    data = message(FAMILY_ID, genl(1, 1, SH_V6)[16:], SEQ, flags=0)
+
+    (reply,) = ipvs_wire.parse_messages(data, SEQ)
+
+    assert reply.kind == FAMILY_ID and reply.flags == 0
+    assert ipvs_wire.decode_service(reply).address == ip_address("fd00:10:96::a")
+
+
+def test_a_get_of_a_missing_virtual_server_raises_esrch() -> None:
+    with pytest.raises(ipvs_wire.NetlinkErrorReply) as caught:
+        list(ipvs_wire.parse_messages(error(SEQ, errno.ESRCH), SEQ))
+
+    assert caught.value.errno == errno.ESRCH
 
 
 def test_one_buffer_holds_many_services_and_ends_at_done() -> None:
