@@ -19,12 +19,8 @@ from typing import ClassVar
 
 from aproxy.backends import ipset_wire
 from aproxy.backends.ipvs_wire import parse_acks
+from aproxy.backends.netlink_socket import NETLINK_NETFILTER, open_netlink_socket
 
-SOL_NETLINK = 270
-NETLINK_NETFILTER = 12  # not in typeshed's socket module
-NETLINK_CAP_ACK = 10
-# Enough for every message of a batch to fail without the kernel dropping an error (ENOBUFS).
-SOCKET_BUFFER = 16 * 1024 * 1024
 BATCH_MESSAGES = 512
 BATCH_BYTES = 128 * 1024
 ACK_TIMEOUT = 10.0
@@ -58,21 +54,7 @@ class IPSetSocket:
         return self._sock is not None
 
     def open(self) -> None:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        try:
-            sock.setblocking(False)
-            # Errors then carry only the header of the failing request, not its whole payload.
-            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            for option, forced in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
-                except PermissionError:
-                    sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-            sock.bind((0, 0))
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
+        self._sock = open_netlink_socket(NETLINK_NETFILTER)
 
     def close(self) -> None:
         if self._sock is not None:

@@ -40,6 +40,7 @@ from aproxy.backends import ipvs_wire
 from aproxy.backends.base import BackendError, OperationResult, RealServerConnections
 from aproxy.backends.conntrack import ConntrackCleaner
 from aproxy.backends.masquerade import Masquerade, MasqueradeError, MasqueradeSettings
+from aproxy.backends.netlink_socket import NETLINK_GENERIC, open_netlink_socket
 from aproxy.backends.sysctl import SysctlError, apply_sysctls, wanted_sysctls
 from aproxy.core.model import (
     AddRealServer,
@@ -61,12 +62,6 @@ from aproxy.core.state import IPVSState
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-SOL_NETLINK = 270
-NETLINK_GENERIC = 16  # not in typeshed's socket module
-NETLINK_CAP_ACK = 10
-NETLINK_EXT_ACK = 11
-# Enough for every message of a batch to fail without the kernel dropping an error (ENOBUFS).
-SOCKET_BUFFER = 16 * 1024 * 1024
 # One receive of a dump: the kernel fills at most 32 KiB per part (netlink_dump), more would be truncated.
 DUMP_RECEIVE_BYTES = 64 * 1024
 _PROTOCOLS_BY_NUMBER = {number: protocol for protocol, number in ipvs_wire.PROTOCOL_NUMBERS.items()}
@@ -136,20 +131,6 @@ class IPVSSettings:
     cluster_cidrs: tuple[str, ...] = ()
 
 
-def _open_netlink_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_GENERIC)
-    sock.setblocking(False)
-    # Errors then carry only the header of the failing request, not its whole payload.
-    sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-    for option, forced in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
-        except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
-    sock.bind((0, 0))
-    return sock
-
-
 class IPVSDumpError(BackendError):
     """A dump (or get) reply that could not be parsed: nothing of that reply is used."""
 
@@ -172,7 +153,7 @@ class BatchSocket:
         self.dumps_sent = 0
         self.dump_receives = 0  # receives the dumps took: more than one per dump once a reply is large
         self.gets_sent = 0  # requests for one virtual server (not dumps)
-        self._sock = _open_netlink_socket()
+        self._sock = open_netlink_socket(NETLINK_GENERIC)
         self._dump_unfinished = False
 
     def close(self) -> None:
@@ -277,7 +258,7 @@ class BatchSocket:
         reader)."""
         if self._dump_unfinished:
             self._sock.close()
-            self._sock = _open_netlink_socket()
+            self._sock = open_netlink_socket(NETLINK_GENERIC)
             self._dump_unfinished = False
 
     async def _dump(self, request: bytes, seq: int) -> list[ipvs_wire.Message]:
