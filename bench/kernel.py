@@ -16,6 +16,9 @@ In one guest boot:
 2. One endpoint change (``Syncer.sync`` after a tracker update) at 100 and at 1,000 services: operations,
    IPVS requests and time (median of 20 changes: add an endpoint, remove it, return it, ...).
 3. A full audit (``Syncer.audit``: kernel dump + comparison) at 1,000 services, and the dump alone.
+4. A state mismatch: a real server deleted behind aproxy's back (``ipvsadm -d``), then removed from its
+   slice. The sync that meets ENOENT re-reads that one virtual server (``Backend.read``), the next sync
+   converges: their time and IPVS read requests, against the full dump of figure 3.
 
 Every syscall costs about 1 ms in the guest: these are user-mode Linux figures, good for ratios between
 writers in the same boot, not as absolute performance.
@@ -24,6 +27,7 @@ writers in the same boot, not as absolute performance.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import statistics
@@ -45,6 +49,7 @@ from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
     BindAddress,
+    L4Protocol,
     Operation,
     RealServerKey,
     UnbindAddress,
@@ -118,6 +123,16 @@ class AuditFigure:
 
 
 @dataclass(frozen=True, slots=True)
+class ReconcileFigure:
+    services: int
+    masquerade: bool
+    seconds: float  # the sync that met the mismatch, its read included
+    retry_seconds: float  # the next sync, which converges
+    gets: int  # IPVS requests for one virtual server
+    dumps: int  # IPVS dump requests (service dump, or real servers of one virtual server)
+
+
+@dataclass(frozen=True, slots=True)
 class Figures:
     kernel: str
     ipvsadm: list[WriteFigure]  # one per run
@@ -125,6 +140,7 @@ class Figures:
     aproxy_masquerade: WriteFigure
     changes: list[ChangeFigure]
     audits: list[AuditFigure]
+    reconciles: list[ReconcileFigure]
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Figures:
@@ -135,6 +151,7 @@ class Figures:
             aproxy_masquerade=WriteFigure(**data["aproxy_masquerade"]),
             changes=[ChangeFigure(**change) for change in data["changes"]],
             audits=[AuditFigure(**audit) for audit in data["audits"]],
+            reconciles=[ReconcileFigure(**reconcile) for reconcile in data["reconciles"]],
         )
 
     @property
@@ -203,6 +220,16 @@ def render(figures: Figures) -> str:
             )
             for audit in figures.audits
         ),
+        *(
+            (
+                f"a real server deleted behind aproxy's back at {reconcile.services:,} services "
+                f"({_masquerade(reconcile.masquerade)}): the sync meeting ENOENT + the converging one",
+                f"{reconcile.seconds * 1000:.1f} ms + {reconcile.retry_seconds * 1000:.1f} ms; the re-read: "
+                f"{reconcile.gets} get + {reconcile.dumps} real-server dump (a full dump: "
+                f"{audit.dump_seconds:.2f} s)",
+            )
+            for reconcile, audit in zip(figures.reconciles, figures.audits, strict=True)
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     lines = [
@@ -263,9 +290,10 @@ async def measure() -> Figures:
     aproxy = [await write_with_aproxy(plan.operations, masquerade=False) for _ in range(APROXY_RUNS)]
     aproxy_masquerade = await write_with_aproxy(plan.operations, masquerade=True)
     measured = [await changes_and_audit(size, masquerade) for size, masquerade in CHANGE_RUNS]
-    changes = [change for change, _ in measured]
-    audits = [audit for _, audit in measured]
-    return Figures(os.uname().release, ipvsadm, aproxy, aproxy_masquerade, changes, audits)
+    changes = [change for change, _, _ in measured]
+    audits = [audit for _, audit, _ in measured]
+    reconciles = [reconcile for _, _, reconcile in measured]
+    return Figures(os.uname().release, ipvsadm, aproxy, aproxy_masquerade, changes, audits, reconciles)
 
 
 # --- the cluster --------------------------------------------------------------------------------------------
@@ -391,10 +419,10 @@ def backend_batches(backend: IPVSBackend) -> int:
     return backend.netlink_batches_sent  # how many sendmsg calls the writes took
 
 
-# --- (2) one endpoint change, (3) the audit -----------------------------------------------------------------
+# --- (2) one endpoint change, (3) the audit, (4) a state mismatch -------------------------------------------
 
 
-async def changes_and_audit(size: int, masquerade: bool) -> tuple[ChangeFigure, AuditFigure]:
+async def changes_and_audit(size: int, masquerade: bool) -> tuple[ChangeFigure, AuditFigure, ReconcileFigure]:
     reload_ipvs()
     tracker = cluster(size)
     with tempfile.TemporaryDirectory() as scratch:
@@ -408,8 +436,9 @@ async def changes_and_audit(size: int, masquerade: bool) -> tuple[ChangeFigure, 
                 raise WrongTable(f"start at {size} services: {len(report.failures)} operations refused")
             changes = await _change_series(tracker, syncer, backend, start_seconds)
             audit = await _audit(syncer, backend)
+            reconcile = await _state_mismatch(tracker, syncer, backend)
             await backend.cleanup()
-    return changes, audit
+    return changes, audit, reconcile
 
 
 async def _change_series(
@@ -445,6 +474,33 @@ async def _audit(syncer: Syncer, backend: IPVSBackend) -> AuditFigure:
     dump_seconds = time.perf_counter() - started
     size = len(list(syncer.planner.services()))
     return AuditFigure(size, backend.settings.masquerade, seconds, dump_seconds, len(report.results))
+
+
+async def _state_mismatch(tracker: ChangeTracker, syncer: Syncer, backend: IPVSBackend) -> ReconcileFigure:
+    """The last endpoint of a service untouched so far, deleted with ipvsadm, then from its slice."""
+    size = len(tracker.services())
+    index = size // 3
+    virtual = f"{FIRST_CLUSTER_IP + index}:{SERVICE_PORT}"
+    victim = FIRST_ENDPOINT + index * ENDPOINT_BLOCK + ENDPOINTS - 1
+    netlab.ipvsadm("-d", "-t", virtual, "-r", f"{victim}:{TARGET_PORT}")
+    tracker.upsert_slice(slice_object(index, ENDPOINTS - 1))
+    gets, dumps = backend.netlink_gets_sent, backend.netlink_dumps_sent
+    started = time.perf_counter()
+    mismatched = await syncer.sync()
+    seconds = time.perf_counter() - started
+    if [result.errno for result in mismatched.failures] != [errno.ENOENT]:
+        raise WrongTable(f"expected one ENOENT at {size} services, got {mismatched.failures}")
+    read = (backend.netlink_gets_sent - gets, backend.netlink_dumps_sent - dumps)
+    started = time.perf_counter()
+    retried = await syncer.sync()
+    retry_seconds = time.perf_counter() - started
+    if not retried.ok:
+        raise WrongTable(f"the sync after the mismatch at {size} services failed: {retried.failures}")
+    key = VirtualServerKey(L4Protocol.TCP, FIRST_CLUSTER_IP + index, SERVICE_PORT)
+    _spec, weights = kernel_table()[key]
+    if RealServerKey(victim, TARGET_PORT) in weights or len(weights) != ENDPOINTS - 1:
+        raise WrongTable(f"after the mismatch at {size} services the kernel holds {weights}")
+    return ReconcileFigure(size, backend.settings.masquerade, seconds, retry_seconds, *read)
 
 
 if __name__ == "__main__":
