@@ -1,4 +1,4 @@
-"""The Linux IPVS backend: the only module that speaks netlink (through pyroute2 and a raw IPVS socket).
+"""The Linux IPVS backend: the only module that speaks netlink (through pyroute2 and raw sockets).
 
 - Writes go through :class:`BatchSocket`: many generic-netlink requests per ``sendmsg``, each with its own
   sequence number, an acknowledgement asked only on the last; every error comes back with the sequence
@@ -7,8 +7,11 @@
   one service dump, then one destination dump per owned virtual server; pyroute2's decoding made a
   1,000-service dump take seconds. A read of a few virtual servers (reconciling after EEXIST, ENOENT, ...):
   one get request per virtual server and one destination dump per one that exists, whatever the node holds.
-- The dummy device and its addresses go through pyroute2's asyncio API (``AsyncIPRoute``); ``AsyncIPVS``
-  only resolves the IPVS generic-netlink family at open.
+- The dummy device's addresses are read through a raw rtnetlink socket too (:class:`AddressReader`, parsed
+  in rtnl_wire.py): every cluster IP is bound there, and pyroute2's decoding of them made even the read of
+  one virtual server grow with the cluster. Creating, finding and deleting the device and binding and
+  unbinding addresses go through pyroute2's asyncio API (``AsyncIPRoute``); ``AsyncIPVS`` only resolves the
+  IPVS generic-netlink family at open.
 - Ownership: aproxy changes only virtual servers whose address is bound on its dummy device, or that it
   created on another address (NodePorts on node addresses, external IPs that are node addresses) and recorded
   in its state file. Everything else in the kernel (keepalived's, an operator's) is invisible to it.
@@ -20,6 +23,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import json
@@ -27,20 +31,20 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import AsyncIterable, Awaitable, Collection, Coroutine, Iterable, Sequence
+from collections.abc import Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from pyroute2 import AsyncIPRoute, AsyncIPVS
 from pyroute2.netlink.exceptions import NetlinkError
 
-from aproxy.backends import ipvs_wire
+from aproxy.backends import ipvs_wire, rtnl_wire
 from aproxy.backends.base import BackendError, OperationResult, RealServerConnections
 from aproxy.backends.conntrack import ConntrackCleaner
 from aproxy.backends.masquerade import Masquerade, MasqueradeError, MasqueradeSettings
-from aproxy.backends.netlink_socket import NETLINK_GENERIC, open_netlink_socket
+from aproxy.backends.netlink_socket import NETLINK_GENERIC, SOL_NETLINK, open_netlink_socket
 from aproxy.backends.sysctl import SysctlError, apply_sysctls, wanted_sysctls
 from aproxy.core.model import (
     AddRealServer,
@@ -64,6 +68,8 @@ _T = TypeVar("_T")
 
 # One receive of a dump: the kernel fills at most 32 KiB per part (netlink_dump), more would be truncated.
 DUMP_RECEIVE_BYTES = 64 * 1024
+# Linux 4.20+: the kernel checks a dump request's header strictly and honours its filters (ifa_index).
+NETLINK_GET_STRICT_CHK: Final = 12
 _PROTOCOLS_BY_NUMBER = {number: protocol for protocol, number in ipvs_wire.PROTOCOL_NUMBERS.items()}
 
 
@@ -88,11 +94,6 @@ class NetlinkThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         await asyncio.to_thread(self._thread.join)
         self._loop.close()
-
-
-async def _collect(dump: Awaitable[AsyncIterable[Any]]) -> list[Any]:
-    """Drain one of AsyncIPRoute's dump generators on the netlink loop (generators cannot cross loops)."""
-    return [message async for message in await dump]
 
 
 async def _open_pyroute2() -> tuple[AsyncIPVS, AsyncIPRoute]:
@@ -135,29 +136,130 @@ class IPVSDumpError(BackendError):
     """A dump (or get) reply that could not be parsed: nothing of that reply is used."""
 
 
-class BatchSocket:
-    """A raw generic-netlink socket that sends IPVS requests in batches and maps acknowledgements back; it
-    also reads dumps, and single virtual servers.
+class AddressDumpError(BackendError):
+    """An address dump reply that could not be parsed: nothing of that reply is used."""
+
+
+class DumpSocket:
+    """A raw netlink socket of one protocol that reads dumps to their NLMSG_DONE: what the IPVS socket
+    (:class:`BatchSocket`) and the address reader (:class:`AddressReader`) share.
 
     One request at a time: the backend's callers never overlap (the daemon's kernel task runs one pass after
     another), and a dump's replies are told from leftovers of a timed-out request by their sequence number.
     """
 
-    def __init__(self, family_id: int, settings: IPVSSettings) -> None:
-        self._family_id = family_id
+    # What an unreadable reply raises, and what the error message calls the dump.
+    _dump_error: ClassVar[type[BackendError]] = BackendError
+    _dump_name: ClassVar[str] = "netlink"
+
+    def __init__(self, protocol: int, settings: IPVSSettings) -> None:
+        self._protocol = protocol
         self._settings = settings
         self._seq = itertools.count(1)
         # Totals for tests, benchmarks and metrics: incrementality is asserted on these, not on time.
-        self.messages_sent = 0
-        self.batches_sent = 0
         self.dumps_sent = 0
         self.dump_receives = 0  # receives the dumps took: more than one per dump once a reply is large
-        self.gets_sent = 0  # requests for one virtual server (not dumps)
-        self._sock = open_netlink_socket(NETLINK_GENERIC)
+        self.dump_messages = 0  # messages of the dumped type received, before any filtering here
+        self._sock = self._open_socket()
         self._dump_unfinished = False
+
+    def _open_socket(self) -> socket.socket:
+        return open_netlink_socket(self._protocol)
 
     def close(self) -> None:
         self._sock.close()
+
+    def _replace_socket_after_unfinished_dump(self) -> None:
+        """A dump left unfinished (timeout, unreadable part, cancellation) would keep running on this socket,
+        and the kernel refuses a second dump on it (EBUSY) until the first is read to its end: the next
+        request replaces the socket instead (not at once: the event loop may still hold the old one's
+        reader)."""
+        if self._dump_unfinished:
+            self._sock.close()
+            self._sock = self._open_socket()
+            self._dump_unfinished = False
+
+    async def _dump(self, request: bytes, seq: int, kind: int) -> list[ipvs_wire.Message]:
+        """Send one dump request; gather its messages of type ``kind`` from as many receives as it takes, to
+        NLMSG_DONE.
+
+        The timeout bounds each receive (no answer for that long), not the whole dump, whatever its size.
+        """
+        loop = asyncio.get_running_loop()
+        self._replace_socket_after_unfinished_dump()
+        self._dump_unfinished = True
+        finished = False
+        try:
+            await loop.sock_sendall(self._sock, request)
+            self.dumps_sent += 1
+            messages: list[ipvs_wire.Message] = []
+            while not finished:
+                async with asyncio.timeout(self._settings.ack_timeout):
+                    data = await loop.sock_recv(self._sock, DUMP_RECEIVE_BYTES)
+                self.dump_receives += 1
+                for message in ipvs_wire.parse_messages(data, seq):
+                    if message.kind == ipvs_wire.NLMSG_DONE:
+                        finished = True
+                    elif message.kind == kind:
+                        messages.append(message)
+        except ipvs_wire.MalformedReply as exc:
+            raise self._dump_error(f"unreadable {self._dump_name} dump reply: {exc}") from exc
+        self._dump_unfinished = False
+        self.dump_messages += len(messages)
+        return messages
+
+
+class AddressReader(DumpSocket):
+    """A raw rtnetlink socket that lists the addresses bound on one interface: one address dump a call.
+
+    With NETLINK_GET_STRICT_CHK the kernel sends only that interface's addresses; an older kernel ignores the
+    index and sends every interface's, so the index is checked here too.
+    """
+
+    _dump_error = AddressDumpError
+    _dump_name = "address"
+
+    def __init__(self, settings: IPVSSettings) -> None:
+        super().__init__(socket.NETLINK_ROUTE, settings)
+
+    def _open_socket(self) -> socket.socket:
+        sock = super()._open_socket()
+        # Before Linux 4.20 (ENOPROTOOPT) the kernel filters nothing; addresses() checks the index anyway.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+        return sock
+
+    async def addresses(self, index: int) -> list[rtnl_wire.DumpedAddress]:
+        """The IPv4 and IPv6 addresses bound on interface ``index``; none when there is no such interface
+        (strict checking answers ENODEV where an unfiltered dump would just hold none of its addresses)."""
+        request = rtnl_wire.address_dump_request(seq := next(self._seq), index=index)
+        try:
+            messages = await self._dump(request, seq, rtnl_wire.RTM_NEWADDR)
+        except ipvs_wire.NetlinkErrorReply as exc:
+            if exc.errno == errno.ENODEV:
+                return []
+            raise
+        try:
+            decoded = [rtnl_wire.decode_address(message) for message in messages]
+        except ipvs_wire.MalformedReply as exc:
+            raise AddressDumpError(f"unreadable address dump reply: {exc}") from exc
+        return [address for address in decoded if address is not None and address.index == index]
+
+
+class BatchSocket(DumpSocket):
+    """A raw generic-netlink socket that sends IPVS requests in batches and maps acknowledgements back; it
+    also reads dumps, and single virtual servers.
+    """
+
+    _dump_error = IPVSDumpError
+    _dump_name = "IPVS"
+
+    def __init__(self, family_id: int, settings: IPVSSettings) -> None:
+        super().__init__(NETLINK_GENERIC, settings)
+        self._family_id = family_id
+        self.messages_sent = 0
+        self.batches_sent = 0
+        self.gets_sent = 0  # requests for one virtual server (not dumps)
 
     async def send(self, operations: Sequence[ipvs_wire.IPVSOperation]) -> list[int]:
         """Apply the operations in order; return each one's errno (0 = applied)."""
@@ -205,13 +307,16 @@ class BatchSocket:
     async def services(self) -> list[ipvs_wire.DumpedService]:
         """Every virtual server in the kernel (this network namespace), foreign and firewall-mark ones too."""
         request = ipvs_wire.services_dump_request(self._family_id, seq := next(self._seq))
-        return [ipvs_wire.decode_service(message) for message in await self._dump(request, seq)]
+        return [
+            ipvs_wire.decode_service(message) for message in await self._dump(request, seq, self._family_id)
+        ]
 
     async def dests(self, key: VirtualServerKey) -> list[ipvs_wire.DumpedDest]:
         """The real servers of one virtual server; none if it does not exist (the kernel's answer, too)."""
         request = ipvs_wire.dests_dump_request(self._family_id, seq := next(self._seq), key)
         family = socket.AF_INET if key.address.version == 4 else socket.AF_INET6
-        return [ipvs_wire.decode_dest(message, family) for message in await self._dump(request, seq)]
+        messages = await self._dump(request, seq, self._family_id)
+        return [ipvs_wire.decode_dest(message, family) for message in messages]
 
     async def service(self, key: VirtualServerKey) -> ipvs_wire.DumpedService | None:
         """One virtual server, foreign ones too, by its key: one request, one reply. None when the kernel has
@@ -250,43 +355,6 @@ class BatchSocket:
                     raise IPVSDumpError(f"IPVS answered request {seq} with message type {message.kind}")
         except ipvs_wire.MalformedReply as exc:
             raise IPVSDumpError(f"unreadable IPVS reply: {exc}") from exc
-
-    def _replace_socket_after_unfinished_dump(self) -> None:
-        """A dump left unfinished (timeout, unreadable part, cancellation) would keep running on this socket,
-        and the kernel refuses a second dump on it (EBUSY) until the first is read to its end: the next
-        request replaces the socket instead (not at once: the event loop may still hold the old one's
-        reader)."""
-        if self._dump_unfinished:
-            self._sock.close()
-            self._sock = open_netlink_socket(NETLINK_GENERIC)
-            self._dump_unfinished = False
-
-    async def _dump(self, request: bytes, seq: int) -> list[ipvs_wire.Message]:
-        """Send one dump request; gather its messages from as many receives as it takes, to NLMSG_DONE.
-
-        The timeout bounds each receive (no answer for that long), not the whole dump, whatever its size.
-        """
-        loop = asyncio.get_running_loop()
-        self._replace_socket_after_unfinished_dump()
-        self._dump_unfinished = True
-        finished = False
-        try:
-            await loop.sock_sendall(self._sock, request)
-            self.dumps_sent += 1
-            messages: list[ipvs_wire.Message] = []
-            while not finished:
-                async with asyncio.timeout(self._settings.ack_timeout):
-                    data = await loop.sock_recv(self._sock, DUMP_RECEIVE_BYTES)
-                self.dump_receives += 1
-                for message in ipvs_wire.parse_messages(data, seq):
-                    if message.kind == ipvs_wire.NLMSG_DONE:
-                        finished = True
-                    elif message.kind == self._family_id:
-                        messages.append(message)
-        except ipvs_wire.MalformedReply as exc:
-            raise IPVSDumpError(f"unreadable IPVS dump reply: {exc}") from exc
-        self._dump_unfinished = False
-        return messages
 
 
 class OwnershipRecord:
@@ -348,6 +416,7 @@ class IPVSBackend:
     _ipvs: AsyncIPVS | None = None
     _ipr: AsyncIPRoute | None = None
     _batch: BatchSocket | None = None
+    _addresses: AddressReader | None = None
     _device_index: int | None = None
     _bound: set[IPAddress] = field(default_factory=set)
     _record: OwnershipRecord | None = None
@@ -370,6 +439,7 @@ class IPVSBackend:
             raise
         self._ipvs = ipvs
         self._batch = BatchSocket(ipvs.prid, self.settings)
+        self._addresses = AddressReader(self.settings)
         self._record = OwnershipRecord(self.settings.state_file)
         self._record.load()
         self._device_index = await self._ensure_device()
@@ -415,15 +485,23 @@ class IPVSBackend:
         """IPVS requests for one virtual server sent so far (``read``: one per owned key asked for)."""
         return self._batch.gets_sent if self._batch is not None else 0
 
+    @property
+    def netlink_address_dumps_sent(self) -> int:
+        """Address dumps of the dummy device sent so far (one per ``dump``, ``read`` and ``open``); not
+        counted in ``netlink_dumps_sent``, which counts IPVS dumps only."""
+        return self._addresses.dumps_sent if self._addresses is not None else 0
+
     async def close(self) -> None:
         if self._batch is not None:
             self._batch.close()
+        if self._addresses is not None:
+            self._addresses.close()
         if self._masquerade is not None:
             self._masquerade.close()
         if self._netlink is not None:
             await self._netlink.run(_close_pyroute2(self._ipvs, self._ipr))
             await self._netlink.stop()
-        self._batch = self._ipvs = self._ipr = self._netlink = None
+        self._batch = self._addresses = self._ipvs = self._ipr = self._netlink = None
 
     # --- the Backend Protocol ----------------------------------------------------------------------------
 
@@ -598,11 +676,10 @@ class IPVSBackend:
         return int(indexes[0])
 
     async def _device_addresses(self) -> set[IPAddress]:
-        assert self._ipr is not None
-        found: set[IPAddress] = set()
-        for message in await self._nl(_collect(self._ipr.addr("dump", index=self._device_index))):
-            found.add(ip_address(message.get_attr("IFA_ADDRESS")))
-        return found
+        """Every address bound on the dummy device: one address dump."""
+        assert self._addresses is not None, "IPVSBackend used before open()"
+        assert self._device_index is not None, "IPVSBackend used after cleanup() deleted the device"
+        return {found.address for found in await self._addresses.addresses(self._device_index)}
 
     async def _dump_services(self) -> list[tuple[VirtualServerKey, VirtualServerSpec]]:
         assert self._batch is not None, "IPVSBackend used before open()"
