@@ -307,16 +307,21 @@ class BatchSocket(DumpSocket):
     async def services(self) -> list[ipvs_wire.DumpedService]:
         """Every virtual server in the kernel (this network namespace), foreign and firewall-mark ones too."""
         request = ipvs_wire.services_dump_request(self._family_id, seq := next(self._seq))
-        return [
-            ipvs_wire.decode_service(message) for message in await self._dump(request, seq, self._family_id)
-        ]
+        messages = await self._dump(request, seq, self._family_id)
+        try:
+            return [ipvs_wire.decode_service(message) for message in messages]
+        except ipvs_wire.MalformedReply as exc:  # a ValueError: the daemon would not take it for a backend's
+            raise IPVSDumpError(f"unreadable IPVS service dump: {exc}") from exc
 
     async def dests(self, key: VirtualServerKey) -> list[ipvs_wire.DumpedDest]:
         """The real servers of one virtual server; none if it does not exist (the kernel's answer, too)."""
         request = ipvs_wire.dests_dump_request(self._family_id, seq := next(self._seq), key)
         family = socket.AF_INET if key.address.version == 4 else socket.AF_INET6
         messages = await self._dump(request, seq, self._family_id)
-        return [ipvs_wire.decode_dest(message, family) for message in messages]
+        try:
+            return [ipvs_wire.decode_dest(message, family) for message in messages]
+        except ipvs_wire.MalformedReply as exc:
+            raise IPVSDumpError(f"unreadable IPVS real server dump of {key}: {exc}") from exc
 
     async def service(self, key: VirtualServerKey) -> ipvs_wire.DumpedService | None:
         """One virtual server, foreign ones too, by its key: one request, one reply. None when the kernel has
