@@ -1,17 +1,20 @@
 """The Linux IPVS backend: the only module that speaks netlink (through pyroute2 and raw sockets).
 
-- Writes go through :class:`BatchSocket`: many generic-netlink requests per ``sendmsg``, each with its own
-  sequence number, an acknowledgement asked only on the last; every error comes back with the sequence
-  number of its request, so each failure is attributed to its operation.
+- Writes go out in batches (:meth:`NetlinkSocket.send_batches`): many requests per ``sendmsg``, each with its
+  own sequence number, an acknowledgement asked only on the last; every error comes back with the sequence
+  number of its request, so each failure is attributed to its operation. IPVS operations go through
+  :class:`BatchSocket` (generic netlink), binding and unbinding the dummy device's addresses through
+  :class:`AddressSocket` (rtnetlink, packed in rtnl_wire.py): every cluster IP is one address, and one
+  pyroute2 request and acknowledgement each made binding 1,000 of them take forty times as long as the
+  11,000 IPVS operations beside them.
 - IPVS reads go through the same raw socket, parsed by hand (ipvs_wire.py). A full dump (start-up, audit):
   one service dump, then one destination dump per owned virtual server; pyroute2's decoding made a
   1,000-service dump take seconds. A read of a few virtual servers (reconciling after EEXIST, ENOENT, ...):
   one get request per virtual server and one destination dump per one that exists, whatever the node holds.
-- The dummy device's addresses are read through a raw rtnetlink socket too (:class:`AddressReader`, parsed
-  in rtnl_wire.py): every cluster IP is bound there, and pyroute2's decoding of them made even the read of
-  one virtual server grow with the cluster. Creating, finding and deleting the device and binding and
-  unbinding addresses go through pyroute2's asyncio API (``AsyncIPRoute``); ``AsyncIPVS`` only resolves the
-  IPVS generic-netlink family at open.
+- The dummy device's addresses are read through that rtnetlink socket too (parsed in rtnl_wire.py): every
+  cluster IP is bound there, and pyroute2's decoding of them made even the read of one virtual server grow
+  with the cluster. Only creating, finding and deleting the device go through pyroute2's asyncio API
+  (``AsyncIPRoute``); ``AsyncIPVS`` only resolves the IPVS generic-netlink family at open.
 - Ownership: aproxy changes only virtual servers whose address is bound on its dummy device, or that it
   created on another address (NodePorts on node addresses, external IPs that are node addresses) and recorded
   in its state file. Everything else in the kernel (keepalived's, an operator's) is invisible to it.
@@ -31,11 +34,11 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Collection, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any, ClassVar, Final, TypeVar
+from typing import Any, ClassVar, Final, TypeAlias, TypeVar
 
 from pyroute2 import AsyncIPRoute, AsyncIPVS
 from pyroute2.netlink.exceptions import NetlinkError
@@ -65,6 +68,8 @@ from aproxy.core.state import IPVSState
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_Op = TypeVar("_Op")
+AddressOperation: TypeAlias = BindAddress | UnbindAddress
 
 # One receive of a dump: the kernel fills at most 32 KiB per part (netlink_dump), more would be truncated.
 DUMP_RECEIVE_BYTES = 64 * 1024
@@ -78,7 +83,7 @@ class NetlinkThread:
 
     pyroute2 opens netlink sockets with ``loop.create_datagram_endpoint``, which uvloop refuses for AF_NETLINK
     ("cannot open a UDP handle, invalid family 16"). So pyroute2's objects are created and awaited on this
-    loop, and the daemon's uvloop awaits the results. The batch socket needs no such detour: it uses
+    loop, and the daemon's uvloop awaits the results. The raw sockets need no such detour: they use
     ``sock_sendall``/``sock_recv``, which every loop supports.
     """
 
@@ -140,12 +145,13 @@ class AddressDumpError(BackendError):
     """An address dump reply that could not be parsed: nothing of that reply is used."""
 
 
-class DumpSocket:
-    """A raw netlink socket of one protocol that reads dumps to their NLMSG_DONE: what the IPVS socket
-    (:class:`BatchSocket`) and the address reader (:class:`AddressReader`) share.
+class NetlinkSocket:
+    """A raw netlink socket of one protocol that sends requests in batches and reads dumps to their
+    NLMSG_DONE: what the IPVS socket (:class:`BatchSocket`) and the address socket (:class:`AddressSocket`)
+    share.
 
-    One request at a time: the backend's callers never overlap (the daemon's kernel task runs one pass after
-    another), and a dump's replies are told from leftovers of a timed-out request by their sequence number.
+    One request (or batch) at a time: the backend's callers never overlap (the daemon's kernel task runs one
+    pass after another), and replies are told from leftovers of a timed-out request by their sequence number.
     """
 
     # What an unreadable reply raises, and what the error message calls the dump.
@@ -160,6 +166,8 @@ class DumpSocket:
         self.dumps_sent = 0
         self.dump_receives = 0  # receives the dumps took: more than one per dump once a reply is large
         self.dump_messages = 0  # messages of the dumped type received, before any filtering here
+        self.messages_sent = 0  # requests sent in batches: one per operation
+        self.batches_sent = 0  # buffers of them sent (one sendmsg each)
         self._sock = self._open_socket()
         self._dump_unfinished = False
 
@@ -178,6 +186,64 @@ class DumpSocket:
             self._sock.close()
             self._sock = self._open_socket()
             self._dump_unfinished = False
+
+    async def send_batches(
+        self, operations: Sequence[_Op], encode: Callable[[int, _Op, bool], bytes]
+    ) -> list[int]:
+        """Send the operations in order, as few buffers as the batch limits allow; return each one's errno
+        (0 = applied). ``encode(seq, operation, ack)`` packs one request.
+
+        Each buffer asks an acknowledgement of its last request only: the kernel handles a buffer's requests
+        in order and answers every refused one (NLMSG_ERROR with its sequence number) whether asked or not,
+        so the last one's acknowledgement means every earlier one without an error was applied.
+        """
+        results: list[int] = []
+        for chunk in self._chunks(operations, encode):
+            results.extend(await self._send_chunk(chunk, encode))
+        return results
+
+    def _chunks(
+        self, operations: Sequence[_Op], encode: Callable[[int, _Op, bool], bytes]
+    ) -> Iterator[list[tuple[int, _Op, bytes]]]:
+        """The operations with their sequence numbers and requests (no acknowledgement asked yet), cut where a
+        buffer would pass ``batch_messages`` requests or ``batch_bytes`` bytes (a single larger request still
+        goes alone)."""
+        chunk: list[tuple[int, _Op, bytes]] = []
+        size = 0
+        for op in operations:
+            seq = next(self._seq)
+            request = encode(seq, op, False)
+            if chunk and (
+                len(chunk) >= self._settings.batch_messages
+                or size + len(request) > self._settings.batch_bytes
+            ):
+                yield chunk
+                chunk, size = [], 0
+            chunk.append((seq, op, request))
+            size += len(request)
+        if chunk:
+            yield chunk
+
+    async def _send_chunk(
+        self, chunk: list[tuple[int, _Op, bytes]], encode: Callable[[int, _Op, bool], bytes]
+    ) -> list[int]:
+        last_seq, last_op, _unacknowledged = chunk[-1]
+        # The last request packed again, asking the acknowledgement: only the flags differ, not the size.
+        buffer = b"".join(request for _seq, _op, request in chunk[:-1]) + encode(last_seq, last_op, True)
+        outcome = {seq: 0 for seq, _op, _request in chunk}
+        loop = asyncio.get_running_loop()
+        self._replace_socket_after_unfinished_dump()
+        await loop.sock_sendall(self._sock, buffer)
+        self.messages_sent += len(chunk)
+        self.batches_sent += 1
+        async with asyncio.timeout(self._settings.ack_timeout):
+            while True:
+                data = await loop.sock_recv(self._sock, 65536)
+                for ack in ipvs_wire.parse_acks(data):
+                    if ack.seq in outcome:
+                        outcome[ack.seq] = ack.error
+                    if ack.seq == last_seq:
+                        return list(outcome.values())
 
     async def _dump(self, request: bytes, seq: int, kind: int) -> list[ipvs_wire.Message]:
         """Send one dump request; gather its messages of type ``kind`` from as many receives as it takes, to
@@ -209,11 +275,13 @@ class DumpSocket:
         return messages
 
 
-class AddressReader(DumpSocket):
-    """A raw rtnetlink socket that lists the addresses bound on one interface: one address dump a call.
+class AddressSocket(NetlinkSocket):
+    """A raw rtnetlink socket that binds and unbinds addresses on one interface in batches, and lists the
+    addresses bound there: one address dump a call.
 
     With NETLINK_GET_STRICT_CHK the kernel sends only that interface's addresses; an older kernel ignores the
-    index and sends every interface's, so the index is checked here too.
+    index and sends every interface's, so the index is checked here too. Strict checking concerns dump and
+    get requests only: address adds and deletes are parsed as before it.
     """
 
     _dump_error = AddressDumpError
@@ -228,6 +296,16 @@ class AddressReader(DumpSocket):
         with contextlib.suppress(OSError):
             sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
         return sock
+
+    async def send(self, operations: Sequence[AddressOperation], index: int) -> list[int]:
+        """Bind and unbind on interface ``index`` in order; return each operation's errno (0 = applied):
+        EEXIST for an address already bound, EADDRNOTAVAIL for one not bound, ENODEV without the interface.
+        """
+
+        def encode(seq: int, op: AddressOperation, ack: bool) -> bytes:
+            return rtnl_wire.address_request(seq, op, index, ack=ack)
+
+        return await self.send_batches(operations, encode)
 
     async def addresses(self, index: int) -> list[rtnl_wire.DumpedAddress]:
         """The IPv4 and IPv6 addresses bound on interface ``index``; none when there is no such interface
@@ -246,7 +324,7 @@ class AddressReader(DumpSocket):
         return [address for address in decoded if address is not None and address.index == index]
 
 
-class BatchSocket(DumpSocket):
+class BatchSocket(NetlinkSocket):
     """A raw generic-netlink socket that sends IPVS requests in batches and maps acknowledgements back; it
     also reads dumps, and single virtual servers.
     """
@@ -257,52 +335,15 @@ class BatchSocket(DumpSocket):
     def __init__(self, family_id: int, settings: IPVSSettings) -> None:
         super().__init__(NETLINK_GENERIC, settings)
         self._family_id = family_id
-        self.messages_sent = 0
-        self.batches_sent = 0
         self.gets_sent = 0  # requests for one virtual server (not dumps)
 
     async def send(self, operations: Sequence[ipvs_wire.IPVSOperation]) -> list[int]:
         """Apply the operations in order; return each one's errno (0 = applied)."""
-        results: list[int] = []
-        for chunk in self._chunks(operations):
-            results.extend(await self._send_chunk(chunk))
-        return results
+        return await self.send_batches(operations, self._request)
 
-    def _chunks(self, operations: Sequence[ipvs_wire.IPVSOperation]) -> Iterable[list[tuple[int, bytes]]]:
-        chunk: list[tuple[int, bytes]] = []
-        size = 0
-        for op in operations:
-            command, body = ipvs_wire.request_body(op)
-            if chunk and (
-                len(chunk) >= self._settings.batch_messages or size + len(body) > self._settings.batch_bytes
-            ):
-                yield chunk
-                chunk, size = [], 0
-            chunk.append((command, body))
-            size += len(body) + 20
-        if chunk:
-            yield chunk
-
-    async def _send_chunk(self, chunk: list[tuple[int, bytes]]) -> list[int]:
-        seqs = [next(self._seq) for _ in chunk]
-        last = len(chunk) - 1
-        buffer = b"".join(
-            ipvs_wire.pack_request(self._family_id, seq, command, body, ack=index == last)
-            for index, (seq, (command, body)) in enumerate(zip(seqs, chunk, strict=True))
-        )
-        outcome = dict.fromkeys(seqs, 0)
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(self._sock, buffer)
-        self.messages_sent += len(chunk)
-        self.batches_sent += 1
-        async with asyncio.timeout(self._settings.ack_timeout):
-            while True:
-                data = await loop.sock_recv(self._sock, 65536)
-                for ack in ipvs_wire.parse_acks(data):
-                    if ack.seq in outcome:
-                        outcome[ack.seq] = ack.error
-                    if ack.seq == seqs[last]:
-                        return [outcome[seq] for seq in seqs]
+    def _request(self, seq: int, op: ipvs_wire.IPVSOperation, ack: bool) -> bytes:
+        command, body = ipvs_wire.request_body(op)
+        return ipvs_wire.pack_request(self._family_id, seq, command, body, ack=ack)
 
     async def services(self) -> list[ipvs_wire.DumpedService]:
         """Every virtual server in the kernel (this network namespace), foreign and firewall-mark ones too."""
@@ -421,7 +462,7 @@ class IPVSBackend:
     _ipvs: AsyncIPVS | None = None
     _ipr: AsyncIPRoute | None = None
     _batch: BatchSocket | None = None
-    _addresses: AddressReader | None = None
+    _addresses: AddressSocket | None = None
     _device_index: int | None = None
     _bound: set[IPAddress] = field(default_factory=set)
     _record: OwnershipRecord | None = None
@@ -444,7 +485,7 @@ class IPVSBackend:
             raise
         self._ipvs = ipvs
         self._batch = BatchSocket(ipvs.prid, self.settings)
-        self._addresses = AddressReader(self.settings)
+        self._addresses = AddressSocket(self.settings)
         self._record = OwnershipRecord(self.settings.state_file)
         self._record.load()
         self._device_index = await self._ensure_device()
@@ -491,6 +532,16 @@ class IPVSBackend:
         return self._batch.gets_sent if self._batch is not None else 0
 
     @property
+    def netlink_address_messages_sent(self) -> int:
+        """Address binds and unbinds sent so far (one request each); not in ``netlink_messages_sent``."""
+        return self._addresses.messages_sent if self._addresses is not None else 0
+
+    @property
+    def netlink_address_batches_sent(self) -> int:
+        """Buffers of address binds and unbinds sent so far (one sendmsg each)."""
+        return self._addresses.batches_sent if self._addresses is not None else 0
+
+    @property
     def netlink_address_dumps_sent(self) -> int:
         """Address dumps of the dummy device sent so far (one per ``dump``, ``read`` and ``open``); not
         counted in ``netlink_dumps_sent``, which counts IPVS dumps only."""
@@ -511,14 +562,15 @@ class IPVSBackend:
     # --- the Backend Protocol ----------------------------------------------------------------------------
 
     async def apply(self, operations: Sequence[Operation]) -> list[OperationResult]:
-        """Apply in order: runs of IPVS operations go out as batches, address changes one by one."""
+        """Apply in order: runs of IPVS operations and runs of address changes alternate as they come, each
+        run sent in batches on its own socket."""
         results: list[OperationResult] = []
-        for is_link, run in itertools.groupby(
+        for is_address, run in itertools.groupby(
             operations, key=lambda op: isinstance(op, BindAddress | UnbindAddress)
         ):
             ops = list(run)
-            if is_link:
-                results.extend([await self._apply_address(op) for op in ops])  # type: ignore[arg-type]
+            if is_address:
+                results.extend(await self._apply_addresses(ops))  # type: ignore[arg-type]
             else:
                 results.extend(await self._apply_ipvs(ops))  # type: ignore[arg-type]
         return results
@@ -653,21 +705,19 @@ class IPVSBackend:
         if self._conntrack is not None:
             await self._conntrack.observe(results)
 
-    async def _apply_address(self, op: BindAddress | UnbindAddress) -> OperationResult:
-        assert self._ipr is not None
-        prefix = 32 if op.address.version == 4 else 128
-        command = "add" if isinstance(op, BindAddress) else "del"
-        try:
-            await self._nl(
-                self._ipr.addr(command, index=self._device_index, address=str(op.address), prefixlen=prefix)
-            )
-        except NetlinkError as exc:
-            return _result(op, exc.code)
-        if isinstance(op, BindAddress):
-            self._bound.add(op.address)
-        else:
-            self._bound.discard(op.address)
-        return OperationResult(op)
+    async def _apply_addresses(self, ops: Sequence[AddressOperation]) -> list[OperationResult]:
+        """Bind and unbind on the dummy device in batches; ``_bound`` follows what the kernel applied."""
+        assert self._addresses is not None, "IPVSBackend used before open()"
+        assert self._device_index is not None, "IPVSBackend used after cleanup() deleted the device"
+        codes = await self._addresses.send(ops, self._device_index)
+        for op, code in zip(ops, codes, strict=True):
+            if code:
+                continue
+            if isinstance(op, BindAddress):
+                self._bound.add(op.address)
+            else:
+                self._bound.discard(op.address)
+        return [_result(op, code) for op, code in zip(ops, codes, strict=True)]
 
     async def _ensure_device(self) -> int:
         assert self._ipr is not None

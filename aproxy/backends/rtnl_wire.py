@@ -1,4 +1,5 @@
-"""rtnetlink address dumps by hand: the request packed, the RTM_NEWADDR replies parsed.
+"""rtnetlink addresses by hand: the dump request packed, its RTM_NEWADDR replies parsed, and the requests
+that bind and unbind one address packed.
 
 Every cluster IP is bound on aproxy's dummy device, so listing the device's addresses (start-up, every
 audit, every reconcile's read) reads one message per service. pyroute2 decodes each of them, every
@@ -6,6 +7,10 @@ attribute, through its generic message classes: at 1,000 services that made the 
 virtual server cost ten times what it costs at 100. Here only the ``ifaddrmsg`` header and the one address
 attribute are read; the rest (label, flags, cache info) is skipped unread. Tests compare the request with
 pyroute2's encoding and the decoding with pyroute2's decoder.
+
+Binding and unbinding are packed here too, so that the backend sends them in batches on the socket that
+reads the addresses (many requests per ``sendmsg``, like its IPVS requests) instead of one pyroute2 request
+and one acknowledgement each: every cluster IP is one address to bind.
 
 The messages of a reply are split with ipvs_wire's generic netlink helpers (``parse_messages``,
 ``parse_attributes``); nothing here is specific to generic netlink.
@@ -22,17 +27,29 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from aproxy.backends.ipvs_wire import NLM_F_DUMP, NLM_F_REQUEST, MalformedReply, Message, parse_attributes
-from aproxy.core.model import IPAddress
+from aproxy.backends.ipvs_wire import (
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    MalformedReply,
+    Message,
+    parse_attributes,
+)
+from aproxy.core.model import BindAddress, IPAddress, UnbindAddress
 
 RTM_NEWADDR = 20
+RTM_DELADDR = 21
 RTM_GETADDR = 22
+
+NLM_F_EXCL = 0x200
+NLM_F_CREATE = 0x400
 
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 
 _NLMSGHDR = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
+_NLAHDR = struct.Struct("=HH")
 _ADDRESS_BYTES = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 
@@ -56,6 +73,39 @@ def address_dump_request(seq: int, family: int = socket.AF_UNSPEC, index: int = 
     body = _IFADDRMSG.pack(family, 0, 0, 0, index)
     header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
     return header + body
+
+
+def address_request(seq: int, op: BindAddress | UnbindAddress, index: int, *, ack: bool) -> bytes:
+    """RTM_NEWADDR (bind) or RTM_DELADDR (unbind) of one host address (/32, /128) on interface ``index``:
+    what pyroute2 sends for ``IPRoute.addr("add"/"del", index=index, address=..., prefixlen=...)``.
+
+    A bind asks NLM_F_CREATE|NLM_F_EXCL (pyroute2's "add"), so an address already bound is refused with
+    EEXIST rather than updated in place; an unbind of an address not bound is refused with EADDRNOTAVAIL.
+    NLM_F_ACK only when ``ack``: in a batch only the last request asks, and the kernel answers every refused
+    one regardless. The attributes are pyroute2's (and iproute2's): IPv4 sends IFA_LOCAL, the interface's
+    own address, as well as IFA_ADDRESS (the peer on a point-to-point link, here the same address); IPv6
+    sends IFA_ADDRESS alone. No broadcast, label or lifetimes: a host address has no broadcast, and the
+    kernel's defaults (the device's name, forever) are what pyroute2 gets too.
+    Scope 0 is RT_SCOPE_UNIVERSE, flags 0 the kernel's default (a permanent address).
+    """
+    address = op.address
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    attributes = _attribute(IFA_ADDRESS, address.packed)
+    if family == socket.AF_INET:
+        attributes += _attribute(IFA_LOCAL, address.packed)
+    if isinstance(op, BindAddress):
+        kind, flags = RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
+    else:
+        kind, flags = RTM_DELADDR, NLM_F_REQUEST
+    if ack:
+        flags |= NLM_F_ACK
+    body = _IFADDRMSG.pack(family, address.max_prefixlen, 0, 0, index) + attributes
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
+
+
+def _attribute(kind: int, payload: bytes) -> bytes:
+    length = _NLAHDR.size + len(payload)
+    return _NLAHDR.pack(length, kind) + payload + b"\0" * (-length % 4)
 
 
 def decode_address(message: Message) -> DumpedAddress | None:

@@ -1,26 +1,30 @@
-"""The hand-packed address dump request must be byte-for-byte what pyroute2's ``ifaddrmsg`` encodes, and
-the hand-parsed RTM_NEWADDR replies must read what pyroute2's decoder reads.
+"""The hand-packed address dump request must be byte-for-byte what pyroute2's ``ifaddrmsg`` encodes, the
+hand-packed bind and unbind requests what pyroute2's ``IPRoute.addr("add"/"del")`` compiles, and the
+hand-parsed RTM_NEWADDR replies must read what pyroute2's decoder reads.
 
-pyroute2 is the oracle (its encoder and decoder, not a mock of them). Replies are encoded with pyroute2's
-``ifaddrmsg`` in the kernel's attribute order (inet_fill_ifaddr: ADDRESS, LOCAL, LABEL, FLAGS, CACHEINFO;
-inet6_fill_ifaddr: ADDRESS, CACHEINFO, FLAGS, PROTO), or with struct where pyroute2 cannot write what is
-wanted (a garbled message). The kernel tier (tests/kernel/test_device_addresses.py) checks a real kernel.
+pyroute2 is the oracle (its encoder, its request compiler ``IPBatch`` and its decoder, not a mock of
+them). Replies are encoded with pyroute2's ``ifaddrmsg`` in the kernel's attribute order (inet_fill_ifaddr:
+ADDRESS, LOCAL, LABEL, FLAGS, CACHEINFO; inet6_fill_ifaddr: ADDRESS, CACHEINFO, FLAGS, PROTO), or with
+struct where pyroute2 cannot write what is wanted (a garbled message). The kernel tier
+(tests/kernel/test_device_addresses.py) checks a real kernel.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pyroute2 import IPBatch
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
 from aproxy.backends import ipvs_wire, rtnl_wire
-from aproxy.core.model import IPAddress
+from aproxy.core.model import BindAddress, IPAddress, UnbindAddress
 
 SEQ = 41
 NLM_F_MULTI = 0x2
@@ -70,6 +74,152 @@ def test_address_dump_request_is_a_dump_with_zero_filters_strict_checking_accept
     assert (length, kind, flags, seq, pid) == (len(request), 22, 0x301, SEQ, 0)
     # Strict checking refuses a dump request with a non-zero prefix length, flags or scope (EINVAL).
     assert (family, prefixlen, ifa_flags, scope, index) == (socket.AF_INET6, 0, 0, 0, 12)
+
+
+# --- bind and unbind requests ------------------------------------------------------------------------------
+
+NLM_F_ACK = 0x4
+
+
+@pytest.fixture(scope="module")
+def compiler() -> Iterator[IPBatch]:
+    """pyroute2's request compiler: ``addr()`` packs the request into a buffer and sends nothing."""
+    batch = IPBatch()
+    try:
+        yield batch
+    finally:
+        batch.close()
+
+
+def pyroute2_address_request(
+    compiler: IPBatch, op: BindAddress | UnbindAddress, index: int, *, ack: bool
+) -> bytes:
+    """What ``IPRoute.addr("add"/"del", index=..., address=..., prefixlen=...)`` sends, the way aproxy called
+    it before (a host prefix). pyroute2 always asks an acknowledgement: without ``ack`` that bit is cleared,
+    the one difference the batch makes."""
+    compiler.reset()
+    command = "add" if isinstance(op, BindAddress) else "del"
+    compiler.addr(command, index=index, address=str(op.address), prefixlen=op.address.max_prefixlen)
+    data = bytes(compiler.batch)
+    if not ack:
+        (flags,) = struct.unpack_from("=H", data, 6)
+        data = data[:6] + struct.pack("=H", flags & ~NLM_F_ACK) + data[8:]
+    return data
+
+
+def without_seq_and_pid(request: bytes) -> bytes:
+    """The request with its header's sequence number and port id left out (pyroute2 numbers its own)."""
+    return request[:8] + request[16:]
+
+
+ADDRESS_OPERATIONS = [
+    pytest.param(BindAddress(IPv4Address("10.96.0.10")), id="bind-ipv4"),
+    pytest.param(UnbindAddress(IPv4Address("10.96.0.10")), id="unbind-ipv4"),
+    pytest.param(BindAddress(IPv6Address("fd00:10:96::a")), id="bind-ipv6"),
+    pytest.param(UnbindAddress(IPv6Address("fd00:10:96::a")), id="unbind-ipv6"),
+    pytest.param(BindAddress(IPv6Address("::ffff:10.96.0.10")), id="bind-ipv4-mapped-ipv6"),
+]
+
+
+@pytest.mark.parametrize("ack", [pytest.param(True, id="ack"), pytest.param(False, id="no-ack")])
+@pytest.mark.parametrize("op", ADDRESS_OPERATIONS)
+def test_address_request_matches_pyroute2_addr(
+    compiler: IPBatch, op: BindAddress | UnbindAddress, ack: bool
+) -> None:
+    ours = rtnl_wire.address_request(SEQ, op, 7, ack=ack)
+
+    assert without_seq_and_pid(ours) == without_seq_and_pid(
+        pyroute2_address_request(compiler, op, 7, ack=ack)
+    )
+    assert struct.unpack_from("=II", ours, 8) == (SEQ, 0)  # the kernel fills in the sender's port id
+
+
+ANY_ADDRESS = st.one_of(
+    st.builds(IPv4Address, st.integers(min_value=0, max_value=2**32 - 1)),
+    st.builds(IPv6Address, st.integers(min_value=0, max_value=2**128 - 1)),
+)
+
+
+@given(ANY_ADDRESS, st.booleans(), st.integers(min_value=0, max_value=2**32 - 1), st.booleans())
+def test_any_address_request_matches_pyroute2_addr(
+    compiler: IPBatch, address: IPAddress, bind: bool, index: int, ack: bool
+) -> None:
+    op = BindAddress(address) if bind else UnbindAddress(address)
+
+    ours = rtnl_wire.address_request(SEQ, op, index, ack=ack)
+
+    assert without_seq_and_pid(ours) == without_seq_and_pid(
+        pyroute2_address_request(compiler, op, index, ack=ack)
+    )
+
+
+@pytest.mark.parametrize(
+    ("op", "kind", "flags", "prefixlen", "attributes"),
+    [
+        pytest.param(
+            BindAddress(IPv4Address("10.96.0.10")),
+            rtnl_wire.RTM_NEWADDR,
+            0x601,
+            32,
+            [("IFA_ADDRESS", "10.96.0.10"), ("IFA_LOCAL", "10.96.0.10")],
+            id="bind-ipv4-create-exclusive-address-and-local",
+        ),
+        pytest.param(
+            UnbindAddress(IPv4Address("10.96.0.10")),
+            rtnl_wire.RTM_DELADDR,
+            0x1,
+            32,
+            [("IFA_ADDRESS", "10.96.0.10"), ("IFA_LOCAL", "10.96.0.10")],
+            id="unbind-ipv4-address-and-local",
+        ),
+        pytest.param(
+            BindAddress(IPv6Address("fd00:10:96::a")),
+            rtnl_wire.RTM_NEWADDR,
+            0x601,
+            128,
+            [("IFA_ADDRESS", "fd00:10:96::a")],
+            id="bind-ipv6-address-alone",
+        ),
+        pytest.param(
+            UnbindAddress(IPv6Address("fd00:10:96::a")),
+            rtnl_wire.RTM_DELADDR,
+            0x1,
+            128,
+            [("IFA_ADDRESS", "fd00:10:96::a")],
+            id="unbind-ipv6-address-alone",
+        ),
+    ],
+)
+def test_address_request_decodes_as_pyroute2_reads_it(
+    op: BindAddress | UnbindAddress, kind: int, flags: int, prefixlen: int, attributes: list[tuple[str, str]]
+) -> None:
+    """What the kernel gets, in pyroute2's own reading: no broadcast, label or lifetimes, scope universe."""
+    msg = ifaddrmsg(rtnl_wire.address_request(SEQ, op, 12, ack=False))
+    msg.decode()
+
+    assert (msg["header"]["type"], msg["header"]["flags"], msg["header"]["sequence_number"]) == (
+        kind,
+        flags,
+        SEQ,
+    )
+    assert (msg["family"], msg["prefixlen"], msg["flags"], msg["scope"], msg["index"]) == (
+        socket.AF_INET if op.address.version == 4 else socket.AF_INET6,
+        prefixlen,
+        0,
+        0,
+        12,
+    )
+    assert [(name, value) for name, value in msg["attrs"]] == attributes
+
+
+@pytest.mark.parametrize("op", ADDRESS_OPERATIONS)
+def test_only_the_ack_flag_differs_when_an_acknowledgement_is_asked(op: BindAddress | UnbindAddress) -> None:
+    """A batch packs its last request again to ask the acknowledgement: same size, same bytes but one bit."""
+    asked, not_asked = (rtnl_wire.address_request(SEQ, op, 3, ack=ack) for ack in (True, False))
+
+    assert len(asked) == len(not_asked) == struct.unpack_from("=I", asked)[0]
+    assert struct.unpack_from("=H", asked, 6)[0] == struct.unpack_from("=H", not_asked, 6)[0] | NLM_F_ACK
+    assert asked[:6] + asked[8:] == not_asked[:6] + not_asked[8:]
 
 
 # --- the replies, encoded by pyroute2 in the kernel's layout ------------------------------------------------
