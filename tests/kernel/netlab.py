@@ -281,6 +281,9 @@ class Namespace:
         return run("ip", "netns", "exec", self.name, *command, check=check)
 
 
+IFA_F_NODAD = 0x02  # include/uapi/linux/if_addr.h
+
+
 def _create_namespace(space: Namespace, gateway: IPv4Address, gateway6: IPv6Address) -> None:
     create_netns(space.name)
     with rtnl() as ipr:
@@ -289,8 +292,10 @@ def _create_namespace(space: Namespace, gateway: IPv4Address, gateway6: IPv6Addr
         )
         host = _link_index(ipr, space.host_interface)
         ipr.addr("add", index=host, address=str(gateway), prefixlen=32)
-        ipr.addr("add", index=host, address=str(gateway6), prefixlen=128)
-        ipr.addr("add", index=host, address=str(GATEWAY6), prefixlen=64)
+        # IPv6 addresses skip duplicate address detection: a tentative address answers nothing for about a
+        # second after the link comes up, and a test sending at once would race it.
+        ipr.addr("add", index=host, address=str(gateway6), prefixlen=128, flags=IFA_F_NODAD)
+        ipr.addr("add", index=host, address=str(GATEWAY6), prefixlen=64, flags=IFA_F_NODAD)
         ipr.link("set", index=host, state="up")
         ipr.route("add", dst=f"{space.address}/32", oif=host)
         ipr.route("add", dst=f"{space.address6}/128", oif=host)
@@ -299,7 +304,7 @@ def _create_namespace(space: Namespace, gateway: IPv4Address, gateway6: IPv6Addr
         ipr.link("set", index=_link_index(ipr, "lo"), state="up")
         ipr.link("set", index=eth0, state="up")
         ipr.addr("add", index=eth0, address=str(space.address), prefixlen=32)
-        ipr.addr("add", index=eth0, address=str(space.address6), prefixlen=128)
+        ipr.addr("add", index=eth0, address=str(space.address6), prefixlen=128, flags=IFA_F_NODAD)
         ipr.route("add", dst=f"{gateway}/32", oif=eth0, scope=RT_SCOPE_LINK)
         ipr.route("add", dst="0.0.0.0/0", gateway=str(gateway), oif=eth0)
         ipr.route("add", dst="::/0", gateway=str(GATEWAY6), oif=eth0)
@@ -536,6 +541,25 @@ def bind_service_address(address: IPAddress, device: str = DUMMY_DEVICE) -> None
         index = _link_index(ipr, device)
         ipr.link("set", index=index, state="up")
         ipr.addr("add", index=index, address=str(address), prefixlen=128 if address.version == 6 else 32)
+
+
+def wait_for_local_routes(device: str = DUMMY_DEVICE) -> None:
+    """Until every IPv6 address bound on ``device`` has its local route.
+
+    The kernel installs an IPv6 address's local route from its addrconf work queue, a little after the
+    address was added (an IPv4 address's comes with it): a datagram sent in between is routed on instead of
+    reaching IPVS, and UDP does not retry. Traffic tests wait for it after binding a new virtual IP.
+    """
+    wanted = {address for address in device_addresses(device) if address.version == 6}
+    if not wanted:
+        return
+
+    def routed() -> bool | None:
+        output = run("ip", "-6", "route", "show", "table", "local", "dev", device)
+        local = {ip_address(match) for match in re.findall(r"^local ([0-9a-f:]+)", output, re.MULTILINE)}
+        return True if wanted <= local else None
+
+    wait_until(routed, what=f"local routes of the IPv6 addresses on {device}")
 
 
 def device_addresses(device: str = DUMMY_DEVICE) -> frozenset[IPAddress]:

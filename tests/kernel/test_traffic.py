@@ -116,6 +116,7 @@ class Cluster:
         else:
             report = self._runner.run(self.syncer.sync())
         assert report.ok, report.failures
+        netlab.wait_for_local_routes()  # a new IPv6 virtual IP takes traffic a moment after it is bound
         return report
 
     def audit(self) -> SyncReport:
