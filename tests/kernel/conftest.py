@@ -16,6 +16,7 @@ independent.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
 from tests.kernel import netlab
 from tests.kernel import run as guest
 
@@ -184,3 +186,20 @@ def lab() -> Iterator[netlab.Lab]:
     """Pods, clients and virtual IPs for one test (see netlab.Lab); removed afterwards."""
     with netlab.Lab() as created:
         yield created
+
+
+@pytest.fixture
+def runner() -> Iterator[asyncio.Runner]:
+    """One event loop for a synchronous test body that drives the backend's coroutines."""
+    with asyncio.Runner() as created:
+        yield created
+
+
+@pytest.fixture
+def backend(runner: asyncio.Runner, settings: IPVSSettings) -> Iterator[IPVSBackend]:
+    """An opened IPVSBackend with the test module's own ``settings`` fixture, closed afterwards."""
+    opened = runner.run(IPVSBackend(settings).__aenter__())
+    try:
+        yield opened
+    finally:
+        runner.run(opened.__aexit__(None, None, None))

@@ -67,12 +67,6 @@ def settings(tmp_path: Path) -> IPVSSettings:
     return IPVSSettings(state_file=tmp_path / "owned.json", masquerade=False)
 
 
-@pytest.fixture
-def runner() -> Iterator[asyncio.Runner]:
-    with asyncio.Runner() as created:
-        yield created
-
-
 @contextlib.contextmanager
 def opened_backend(runner: asyncio.Runner, settings: IPVSSettings) -> Iterator[IPVSBackend]:
     opened = runner.run(IPVSBackend(settings).__aenter__())
@@ -80,12 +74,6 @@ def opened_backend(runner: asyncio.Runner, settings: IPVSSettings) -> Iterator[I
         yield opened
     finally:
         runner.run(opened.__aexit__(None, None, None))
-
-
-@pytest.fixture
-def backend(runner: asyncio.Runner, settings: IPVSSettings) -> Iterator[IPVSBackend]:
-    with opened_backend(runner, settings) as opened:
-        yield opened
 
 
 @pytest.fixture

@@ -120,21 +120,6 @@ def settings(tmp_path: Path) -> IPVSSettings:
 
 
 @pytest.fixture
-def runner() -> Iterator[asyncio.Runner]:
-    with asyncio.Runner() as created:
-        yield created
-
-
-@pytest.fixture
-def backend(runner: asyncio.Runner, settings: IPVSSettings) -> Iterator[IPVSBackend]:
-    opened = runner.run(IPVSBackend(settings).__aenter__())
-    try:
-        yield opened
-    finally:
-        runner.run(opened.__aexit__(None, None, None))
-
-
-@pytest.fixture
 def varied_table(runner: asyncio.Runner, backend: IPVSBackend) -> None:
     results = runner.run(backend.apply(table_operations()))
     assert all(result.ok for result in results), [result for result in results if not result.ok]

@@ -232,21 +232,6 @@ FOREIGN_HERE = VirtualServerKey(L4Protocol.TCP, ip_address("198.51.100.8"), 80)
 
 
 @pytest.fixture
-def runner() -> Iterator[asyncio.Runner]:
-    with asyncio.Runner() as created:
-        yield created
-
-
-@pytest.fixture
-def backend(runner: asyncio.Runner, settings: IPVSSettings) -> Iterator[IPVSBackend]:
-    opened = runner.run(IPVSBackend(settings).__aenter__())
-    try:
-        yield opened
-    finally:
-        runner.run(opened.__aexit__(None, None, None))
-
-
-@pytest.fixture
 def raw_socket() -> Iterator[BatchSocket]:
     """A socket of the code under test of its own, on the family id pyroute2 resolves."""
     with IPVS() as ipvs:
