@@ -17,7 +17,7 @@ import uvloop
 
 from aproxy import app, logs, render
 from aproxy.backends.base import Backend
-from aproxy.backends.ipvs import IPVSBackend, IPVSSettings, IPVSUnavailable
+from aproxy.backends.ipvs import IPVSBackend, IPVSSettings, IPVSUnavailable, check_device_name
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, operation_to_dict
@@ -218,10 +218,18 @@ def _listen_address(text: str) -> ListenAddress:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _device_name(text: str) -> str:
+    try:
+        return check_device_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
     defaults = IPVSSettings()
     parser.add_argument(
         "--device",
+        type=_device_name,
         default=defaults.device,
         help=f"dummy device for service addresses (default: {defaults.device})",
     )

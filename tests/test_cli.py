@@ -132,6 +132,22 @@ def test_an_unknown_scheduler_option_is_a_usage_error() -> None:
     assert "unknown IPVS scheduler 'fastest'" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("device", "why"),
+    [
+        pytest.param("kube-ipvs0-too-long", "1 to 15 bytes", id="longer-than-ifnamsiz"),
+        pytest.param("kube/ipvs", "no '/'", id="slash"),
+        pytest.param("kube ipvs", "whitespace", id="space"),
+        pytest.param("..", "not '.' or '..'", id="dot-dot"),
+    ],
+)
+def test_a_device_name_the_kernel_refuses_is_a_usage_error(device: str, why: str) -> None:
+    done = aproxy("cleanup", "--device", device)
+
+    assert done.returncode == 2
+    assert f"invalid device name {device!r}" in done.stderr and why in done.stderr
+
+
 def test_dry_run_sync_prints_operations_and_a_summary() -> None:
     done = aproxy("sync", "--backend", "dry-run", "--source", str(EXAMPLE), *NODE, "--output", "json")
 

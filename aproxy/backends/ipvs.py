@@ -48,7 +48,7 @@ from aproxy.backends.base import BackendError, OperationResult, RealServerConnec
 from aproxy.backends.conntrack import ConntrackCleaner
 from aproxy.backends.masquerade import Masquerade, MasqueradeError, MasqueradeSettings
 from aproxy.backends.netlink_socket import NETLINK_GENERIC, SOL_NETLINK, open_netlink_socket
-from aproxy.backends.sysctl import SysctlError, apply_sysctls, wanted_sysctls
+from aproxy.backends.sysctl import apply_sysctls, wanted_sysctls
 from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
@@ -121,6 +121,20 @@ class IPVSUnavailable(RuntimeError):
     """The kernel has no IPVS (module not loaded, or not permitted)."""
 
 
+# The kernel's rule for an interface name (dev_valid_name): 1-15 bytes, not "." or "..", no "/", ":" or
+# whitespace.
+_IFNAMSIZ: Final = 16
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if the kernel would take it for an interface, else ValueError saying why."""
+    if not name or len(name.encode()) >= _IFNAMSIZ:
+        raise ValueError(f"invalid device name {name!r}: 1 to {_IFNAMSIZ - 1} bytes")
+    if name in (".", "..") or any(char == "/" or char == ":" or char.isspace() for char in name):
+        raise ValueError(f"invalid device name {name!r}: no '/', ':' or whitespace, not '.' or '..'")
+    return name
+
+
 @dataclass(frozen=True, slots=True)
 class IPVSSettings:
     device: str = "kube-ipvs0"
@@ -135,6 +149,9 @@ class IPVSSettings:
     masquerade: bool = True
     masquerade_all: bool = False
     cluster_cidrs: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_device_name(self.device)
 
 
 class IPVSDumpError(BackendError):
@@ -477,12 +494,18 @@ class IPVSBackend:
         await self.close()
 
     async def open(self) -> None:
+        """Open the sockets, the device and the node's surroundings. Whatever fails (IPVSUnavailable,
+        SysctlError, MasqueradeError, ValueError for a bad cluster CIDR, OSError), what was opened before it,
+        the netlink thread included, is closed again before the error goes on."""
         self._netlink = NetlinkThread()
         try:
-            ipvs, self._ipr = await self._netlink.run(_open_pyroute2())
-        except IPVSUnavailable:
+            await self._open(self._netlink)
+        except Exception:
             await self.close()
             raise
+
+    async def _open(self, netlink: NetlinkThread) -> None:
+        ipvs, self._ipr = await netlink.run(_open_pyroute2())
         self._ipvs = ipvs
         self._batch = BatchSocket(ipvs.prid, self.settings)
         self._addresses = AddressSocket(self.settings)
@@ -490,11 +513,7 @@ class IPVSBackend:
         self._record.load()
         self._device_index = await self._ensure_device()
         self._bound = await self._device_addresses()
-        try:
-            await self._prepare_node()
-        except (SysctlError, MasqueradeError, ValueError):  # ValueError: a bad cluster CIDR
-            await self.close()
-            raise
+        await self._prepare_node()
 
     async def _prepare_node(self) -> None:
         """What IPVS needs around it: sysctls, source NAT chains and sets, the conntrack cleaner."""
@@ -721,11 +740,17 @@ class IPVSBackend:
 
     async def _ensure_device(self) -> int:
         assert self._ipr is not None
-        indexes = await self._nl(self._ipr.link_lookup(ifname=self.settings.device))
+        name = self.settings.device
+        indexes = await self._nl(self._ipr.link_lookup(ifname=name))
         if not indexes:
-            log.info("creating dummy device", extra={"device": self.settings.device})
-            await self._nl(self._ipr.link("add", ifname=self.settings.device, kind="dummy"))
-            indexes = await self._nl(self._ipr.link_lookup(ifname=self.settings.device))
+            log.info("creating dummy device", extra={"device": name})
+            try:
+                await self._nl(self._ipr.link("add", ifname=name, kind="dummy"))
+            except NetlinkError as exc:  # no dummy driver (EOPNOTSUPP), not permitted (EPERM), ...
+                raise OSError(
+                    exc.code, f"cannot create the dummy device {name}: {os.strerror(exc.code)}"
+                ) from exc
+            indexes = await self._nl(self._ipr.link_lookup(ifname=name))
         # Down is enough for the kernel to accept packets for its addresses and keeps it from answering ARP
         # the way an up device would; kube-proxy leaves kube-ipvs0 down too.
         return int(indexes[0])

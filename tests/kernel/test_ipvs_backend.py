@@ -6,6 +6,9 @@ Every check reads the kernel with ipvsadm (netlab's parser) or ip, never through
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import re
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from ipaddress import ip_address
 from pathlib import Path
@@ -132,3 +135,15 @@ def test_audit_repairs_a_flushed_table(settings: IPVSSettings) -> None:
 
     assert report.ok and len(report.results) > 0
     assert_kernel_matches_the_plan(tracker)
+
+
+def test_an_open_that_fails_closes_what_it_opened(settings: IPVSSettings) -> None:
+    """The netlink thread and sockets opened before the failure do not outlive it."""
+    bad = dataclasses.replace(settings, masquerade=True, cluster_cidrs=("10.244.0.0/33",))
+    threads = threading.active_count()
+    backend = IPVSBackend(bad)
+
+    with pytest.raises(ValueError, match=re.escape("10.244.0.0/33")):
+        asyncio.run(backend.open())
+
+    assert threading.active_count() == threads
