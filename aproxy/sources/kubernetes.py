@@ -202,6 +202,8 @@ async def load_config(
     4. ``master`` alone (an unauthenticated URL, e.g. ``kubectl proxy``).
 
     ``master`` (``--master``) replaces the server URL in every case. Files are read in a worker thread.
+    From a kubeconfig (1 or 3), ``ClusterConfig.renewal`` re-reads its token every ``renewal_interval``
+    seconds once it runs (``KubernetesSource`` runs it; see credentials.py).
     """
     env = os.environ if environ is None else environ
     explicit = str(kubeconfig) if kubeconfig is not None else env.get("KUBECONFIG", "")
