@@ -22,6 +22,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from aproxy.backends.netlink_wire import NLAHDR, NLMSGHDR, attribute
 from aproxy.core.model import IPAddress
 
 NFNL_SUBSYS_IPSET = 6
@@ -71,9 +72,7 @@ ERRORS: dict[int, str] = {
 ERR_PROTOCOL = 4097
 ERR_EXIST = 4103
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _NFGENMSG = struct.Struct("=BBH")  # res_id is big-endian, but always 0
-_NLAHDR = struct.Struct("=HH")
 _U8 = struct.Struct("=B")
 _BE16 = struct.Struct(">H")
 
@@ -103,14 +102,9 @@ def message_type(command: int) -> int:
     return (NFNL_SUBSYS_IPSET << 8) | command
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = _NLAHDR.size + len(payload)
-    return _NLAHDR.pack(length, kind) + payload + b"\0" * (-length % 4)
-
-
 def _address(kind: int, address: IPAddress) -> bytes:
     inner = IPADDR_IPV4 if address.version == 4 else IPADDR_IPV6
-    return _attr(kind | NLA_F_NESTED, _attr(inner | NLA_F_NET_BYTEORDER, address.packed))
+    return attribute(kind | NLA_F_NESTED, attribute(inner | NLA_F_NET_BYTEORDER, address.packed))
 
 
 def member_attrs(member: Member, protocol_version: int) -> bytes:
@@ -118,51 +112,51 @@ def member_attrs(member: Member, protocol_version: int) -> bytes:
     data = b"".join(
         (
             _address(DATA_IP, member.address),
-            _attr(DATA_PORT | NLA_F_NET_BYTEORDER, _BE16.pack(member.port)),
-            _attr(DATA_PROTO | NLA_F_NET_BYTEORDER, _U8.pack(member.protocol)),
+            attribute(DATA_PORT | NLA_F_NET_BYTEORDER, _BE16.pack(member.port)),
+            attribute(DATA_PROTO | NLA_F_NET_BYTEORDER, _U8.pack(member.protocol)),
             _address(DATA_IP2, member.address2),
         )
     )
     return b"".join(
         (
-            _attr(ATTR_PROTOCOL, _U8.pack(protocol_version)),
-            _attr(ATTR_SETNAME, member.set_name.encode("ascii") + b"\0"),
-            _attr(ATTR_DATA | NLA_F_NESTED, data),
+            attribute(ATTR_PROTOCOL, _U8.pack(protocol_version)),
+            attribute(ATTR_SETNAME, member.set_name.encode("ascii") + b"\0"),
+            attribute(ATTR_DATA | NLA_F_NESTED, data),
         )
     )
 
 
 def pack_request(seq: int, command: int, family: int, attributes: bytes, *, ack: bool) -> bytes:
     flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
-    length = _NLMSGHDR.size + _NFGENMSG.size + len(attributes)
-    header = _NLMSGHDR.pack(length, message_type(command), flags, seq, 0)
+    length = NLMSGHDR.size + _NFGENMSG.size + len(attributes)
+    header = NLMSGHDR.pack(length, message_type(command), flags, seq, 0)
     return header + _NFGENMSG.pack(family, NFNETLINK_V0, 0) + attributes
 
 
 def protocol_request(seq: int) -> bytes:
     """Ask the kernel which protocol versions it speaks (the request itself must carry one)."""
-    attributes = _attr(ATTR_PROTOCOL, _U8.pack(PROTOCOL_OLDEST))
+    attributes = attribute(ATTR_PROTOCOL, _U8.pack(PROTOCOL_OLDEST))
     return pack_request(seq, CMD_PROTOCOL, socket.AF_INET, attributes, ack=True)
 
 
 def _attributes(data: bytes, offset: int, end: int) -> Iterator[tuple[int, bytes]]:
-    while offset + _NLAHDR.size <= end:
-        length, kind = _NLAHDR.unpack_from(data, offset)
-        if length < _NLAHDR.size:
+    while offset + NLAHDR.size <= end:
+        length, kind = NLAHDR.unpack_from(data, offset)
+        if length < NLAHDR.size:
             return
-        yield kind & NLA_TYPE_MASK, data[offset + _NLAHDR.size : offset + length]
+        yield kind & NLA_TYPE_MASK, data[offset + NLAHDR.size : offset + length]
         offset += (length + 3) & ~3
 
 
 def parse_protocol_reply(data: bytes) -> tuple[int, int] | None:
     """(newest, oldest) protocol version from a CMD_PROTOCOL reply in ``data``; None when there is none."""
     offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
+    while offset + NLMSGHDR.size <= len(data):
+        length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size:
             return None
         if kind == message_type(CMD_PROTOCOL):
-            found = dict(_attributes(data, offset + _NLMSGHDR.size + _NFGENMSG.size, offset + length))
+            found = dict(_attributes(data, offset + NLMSGHDR.size + _NFGENMSG.size, offset + length))
             if ATTR_PROTOCOL in found:
                 newest = found[ATTR_PROTOCOL][0]
                 # Kernels before protocol 7 send no minimum: they speak only their own version.

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
+from aproxy.backends.netlink_wire import NLAHDR, NLMSGHDR, attribute
 from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
@@ -93,9 +94,7 @@ NLMSG_DONE = 0x3
 # The two high bits of nla_type are flags (NLA_F_NESTED, NLA_F_NET_BYTEORDER), not part of the type.
 NLA_TYPE_MASK = 0x3FFF
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _GENLHDR = struct.Struct("=BBH")
-_NLAHDR = struct.Struct("=HH")
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _BE16 = struct.Struct(">H")
@@ -113,12 +112,6 @@ class UnsupportedOperation(ValueError):
     """An operation that has no IPVS netlink request (address binds are link operations)."""
 
 
-def _attr(kind: int, payload: bytes) -> bytes:
-    length = _NLAHDR.size + len(payload)
-    padding = b"\0" * (-length % 4)
-    return _NLAHDR.pack(length, kind) + payload + padding
-
-
 def _family(address: IPAddress) -> int:
     return socket.AF_INET if address.version == 4 else socket.AF_INET6
 
@@ -126,10 +119,10 @@ def _family(address: IPAddress) -> int:
 def service_key_attrs(key: VirtualServerKey) -> bytes:
     return b"".join(
         (
-            _attr(SVC_AF, _U16.pack(_family(key.address))),
-            _attr(SVC_PROTOCOL, _U16.pack(PROTOCOL_NUMBERS[key.protocol])),
-            _attr(SVC_ADDR, key.address.packed),
-            _attr(SVC_PORT, _BE16.pack(key.port)),
+            attribute(SVC_AF, _U16.pack(_family(key.address))),
+            attribute(SVC_PROTOCOL, _U16.pack(PROTOCOL_NUMBERS[key.protocol])),
+            attribute(SVC_ADDR, key.address.packed),
+            attribute(SVC_PORT, _BE16.pack(key.port)),
         )
     )
 
@@ -146,10 +139,10 @@ def service_full_attrs(key: VirtualServerKey, spec: VirtualServerSpec) -> bytes:
     netmask = 0xFFFFFFFF if key.address.version == 4 else 128
     return service_key_attrs(key) + b"".join(
         (
-            _attr(SVC_SCHED_NAME, spec.scheduler.encode("ascii") + b"\0"),
-            _attr(SVC_FLAGS, _FLAGS.pack(spec_flags(spec), FLAGS_MASK)),
-            _attr(SVC_TIMEOUT, _U32.pack(spec.persistence_timeout)),
-            _attr(SVC_NETMASK, _U32.pack(netmask)),
+            attribute(SVC_SCHED_NAME, spec.scheduler.encode("ascii") + b"\0"),
+            attribute(SVC_FLAGS, _FLAGS.pack(spec_flags(spec), FLAGS_MASK)),
+            attribute(SVC_TIMEOUT, _U32.pack(spec.persistence_timeout)),
+            attribute(SVC_NETMASK, _U32.pack(netmask)),
         )
     )
 
@@ -157,9 +150,9 @@ def service_full_attrs(key: VirtualServerKey, spec: VirtualServerSpec) -> bytes:
 def dest_key_attrs(real: RealServerKey) -> bytes:
     return b"".join(
         (
-            _attr(DEST_ADDR, real.address.packed),
-            _attr(DEST_PORT, _BE16.pack(real.port)),
-            _attr(DEST_ADDR_FAMILY, _U16.pack(_family(real.address))),
+            attribute(DEST_ADDR, real.address.packed),
+            attribute(DEST_PORT, _BE16.pack(real.port)),
+            attribute(DEST_ADDR_FAMILY, _U16.pack(_family(real.address))),
         )
     )
 
@@ -167,10 +160,10 @@ def dest_key_attrs(real: RealServerKey) -> bytes:
 def dest_full_attrs(real: RealServer) -> bytes:
     return dest_key_attrs(real.key) + b"".join(
         (
-            _attr(DEST_FWD_METHOD, _U32.pack(FWD_MASQ)),
-            _attr(DEST_WEIGHT, _U32.pack(real.weight)),
-            _attr(DEST_U_THRESH, _U32.pack(0)),
-            _attr(DEST_L_THRESH, _U32.pack(0)),
+            attribute(DEST_FWD_METHOD, _U32.pack(FWD_MASQ)),
+            attribute(DEST_WEIGHT, _U32.pack(real.weight)),
+            attribute(DEST_U_THRESH, _U32.pack(0)),
+            attribute(DEST_L_THRESH, _U32.pack(0)),
         )
     )
 
@@ -189,29 +182,29 @@ def request_body(op: IPVSOperation) -> tuple[int, bytes]:
     """The generic-netlink command and attributes of one operation."""
     match op:
         case AddVirtualServer(key=key, spec=spec):
-            return CMD_NEW_SERVICE, _attr(ATTR_SERVICE, service_full_attrs(key, spec))
+            return CMD_NEW_SERVICE, attribute(ATTR_SERVICE, service_full_attrs(key, spec))
         case UpdateVirtualServer(key=key, spec=spec):
-            return CMD_SET_SERVICE, _attr(ATTR_SERVICE, service_full_attrs(key, spec))
+            return CMD_SET_SERVICE, attribute(ATTR_SERVICE, service_full_attrs(key, spec))
         case DeleteVirtualServer(key=key):
-            return CMD_DEL_SERVICE, _attr(ATTR_SERVICE, service_key_attrs(key))
+            return CMD_DEL_SERVICE, attribute(ATTR_SERVICE, service_key_attrs(key))
         case AddRealServer(virtual=key, real=real):
-            return CMD_NEW_DEST, _attr(ATTR_SERVICE, service_key_attrs(key)) + _attr(
+            return CMD_NEW_DEST, attribute(ATTR_SERVICE, service_key_attrs(key)) + attribute(
                 ATTR_DEST, dest_full_attrs(real)
             )
         case UpdateRealServer(virtual=key, real=real):
-            return CMD_SET_DEST, _attr(ATTR_SERVICE, service_key_attrs(key)) + _attr(
+            return CMD_SET_DEST, attribute(ATTR_SERVICE, service_key_attrs(key)) + attribute(
                 ATTR_DEST, dest_full_attrs(real)
             )
         case DeleteRealServer(virtual=key, real=real_key):
-            return CMD_DEL_DEST, _attr(ATTR_SERVICE, service_key_attrs(key)) + _attr(
+            return CMD_DEL_DEST, attribute(ATTR_SERVICE, service_key_attrs(key)) + attribute(
                 ATTR_DEST, dest_key_attrs(real_key)
             )
     raise UnsupportedOperation(f"no IPVS request for {op!r}")
 
 
 def _pack(family_id: int, seq: int, flags: int, command: int, attributes: bytes) -> bytes:
-    length = _NLMSGHDR.size + _GENLHDR.size + len(attributes)
-    header = _NLMSGHDR.pack(length, family_id, flags, seq, 0)
+    length = NLMSGHDR.size + _GENLHDR.size + len(attributes)
+    header = NLMSGHDR.pack(length, family_id, flags, seq, 0)
     return header + _GENLHDR.pack(command, GENL_VERSION, 0) + attributes
 
 
@@ -230,13 +223,13 @@ def service_get_request(family_id: int, seq: int, key: VirtualServerKey) -> byte
     The kernel (ip_vs_genl_get_cmd) answers with one IPVS_CMD_NEW_SERVICE message in the layout of a service
     dump's (``decode_service`` reads it), or an NLMSG_ERROR with ESRCH when there is no such virtual server.
     """
-    attributes = _attr(ATTR_SERVICE, service_key_attrs(key))
+    attributes = attribute(ATTR_SERVICE, service_key_attrs(key))
     return _pack(family_id, seq, NLM_F_REQUEST, CMD_GET_SERVICE, attributes)
 
 
 def dests_dump_request(family_id: int, seq: int, key: VirtualServerKey) -> bytes:
     """The real servers of one virtual server, named by the same key attributes a delete uses."""
-    attributes = _attr(ATTR_SERVICE, service_key_attrs(key))
+    attributes = attribute(ATTR_SERVICE, service_key_attrs(key))
     return _pack(family_id, seq, NLM_F_REQUEST | NLM_F_DUMP, CMD_GET_DEST, attributes)
 
 
@@ -251,12 +244,12 @@ class Ack:
 def parse_acks(data: bytes) -> Iterator[Ack]:
     """The acknowledgements and errors in one received buffer; other message types are passed over."""
     offset = 0
-    while offset + _NLMSGHDR.size <= len(data):
-        length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size:
+    while offset + NLMSGHDR.size <= len(data):
+        length, kind, _flags, seq, _pid = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size:
             break  # a corrupt header: nothing after it can be trusted
         if kind == NLMSG_ERROR:
-            (error,) = _ERRHDR.unpack_from(data, offset + _NLMSGHDR.size)
+            (error,) = _ERRHDR.unpack_from(data, offset + NLMSGHDR.size)
             yield Ack(seq=seq, error=-error)
         offset += (length + 3) & ~3
 
@@ -307,13 +300,13 @@ def parse_messages(data: bytes, seq: int | None = None) -> Iterator[Message]:
     """
     offset, end = 0, len(data)
     while offset < end:
-        if end - offset < _NLMSGHDR.size:
+        if end - offset < NLMSGHDR.size:
             raise MalformedReply(f"{end - offset} bytes at offset {offset}: too short for a netlink header")
-        length, kind, flags, message_seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-        if length < _NLMSGHDR.size or offset + length > end:
+        length, kind, flags, message_seq, _pid = NLMSGHDR.unpack_from(data, offset)
+        if length < NLMSGHDR.size or offset + length > end:
             raise MalformedReply(f"netlink message length {length} at offset {offset} of {end} bytes")
         if seq is None or message_seq == seq:
-            payload = data[offset + _NLMSGHDR.size : offset + length]
+            payload = data[offset + NLMSGHDR.size : offset + length]
             if kind in (NLMSG_ERROR, NLMSG_DONE):
                 error = _error_code(kind, payload, message_seq)
                 if error:
@@ -330,12 +323,12 @@ def parse_attributes(data: bytes, offset: int = 0) -> dict[int, bytes]:
     attributes: dict[int, bytes] = {}
     end = len(data)
     while offset < end:
-        if end - offset < _NLAHDR.size:
+        if end - offset < NLAHDR.size:
             raise MalformedReply(f"{end - offset} bytes at offset {offset}: too short for an attribute")
-        length, kind = _NLAHDR.unpack_from(data, offset)
-        if length < _NLAHDR.size or offset + length > end:
+        length, kind = NLAHDR.unpack_from(data, offset)
+        if length < NLAHDR.size or offset + length > end:
             raise MalformedReply(f"attribute length {length} at offset {offset} of {end} bytes")
-        attributes[kind & NLA_TYPE_MASK] = data[offset + _NLAHDR.size : offset + length]
+        attributes[kind & NLA_TYPE_MASK] = data[offset + NLAHDR.size : offset + length]
         offset += _aligned(length)
     return attributes
 

@@ -35,6 +35,7 @@ from aproxy.backends.ipvs_wire import (
     Message,
     parse_attributes,
 )
+from aproxy.backends.netlink_wire import NLMSGHDR, attribute
 from aproxy.core.model import BindAddress, IPAddress, UnbindAddress
 
 RTM_NEWADDR = 20
@@ -47,9 +48,7 @@ NLM_F_CREATE = 0x400
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
 
-_NLMSGHDR = struct.Struct("=IHHII")
 _IFADDRMSG = struct.Struct("=BBBBI")
-_NLAHDR = struct.Struct("=HH")
 _ADDRESS_BYTES = {socket.AF_INET: 4, socket.AF_INET6: 16}
 
 
@@ -71,7 +70,7 @@ def address_dump_request(seq: int, family: int = socket.AF_UNSPEC, index: int = 
     come back, so readers filter on ``DumpedAddress.index`` as well.
     """
     body = _IFADDRMSG.pack(family, 0, 0, 0, index)
-    header = _NLMSGHDR.pack(_NLMSGHDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
     return header + body
 
 
@@ -90,9 +89,9 @@ def address_request(seq: int, op: BindAddress | UnbindAddress, index: int, *, ac
     """
     address = op.address
     family = socket.AF_INET if address.version == 4 else socket.AF_INET6
-    attributes = _attribute(IFA_ADDRESS, address.packed)
+    attributes = attribute(IFA_ADDRESS, address.packed)
     if family == socket.AF_INET:
-        attributes += _attribute(IFA_LOCAL, address.packed)
+        attributes += attribute(IFA_LOCAL, address.packed)
     if isinstance(op, BindAddress):
         kind, flags = RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
     else:
@@ -100,12 +99,7 @@ def address_request(seq: int, op: BindAddress | UnbindAddress, index: int, *, ac
     if ack:
         flags |= NLM_F_ACK
     body = _IFADDRMSG.pack(family, address.max_prefixlen, 0, 0, index) + attributes
-    return _NLMSGHDR.pack(_NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
-
-
-def _attribute(kind: int, payload: bytes) -> bytes:
-    length = _NLAHDR.size + len(payload)
-    return _NLAHDR.pack(length, kind) + payload + b"\0" * (-length % 4)
+    return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
 
 
 def decode_address(message: Message) -> DumpedAddress | None:
