@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pyroute2 import IPVS
 
-from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
+from aproxy.backends.ipvs import BatchSocket, IPVSBackend, IPVSSettings
 from tests.kernel import netlab
 from tests.kernel import run as guest
+from tests.kernel.opened import opened_backend
 
 IN_GUEST = os.environ.get("APROXY_IN_GUEST") == "1"
 KERNEL_DIR = Path(__file__).resolve().parent
@@ -198,8 +200,17 @@ def runner() -> Iterator[asyncio.Runner]:
 @pytest.fixture
 def backend(runner: asyncio.Runner, settings: IPVSSettings) -> Iterator[IPVSBackend]:
     """An opened IPVSBackend with the test module's own ``settings`` fixture, closed afterwards."""
-    opened = runner.run(IPVSBackend(settings).__aenter__())
-    try:
+    with opened_backend(runner, settings) as opened:
         yield opened
+
+
+@pytest.fixture
+def raw_socket() -> Iterator[BatchSocket]:
+    """An IPVS socket of the code under test of its own, on the family id pyroute2 resolves."""
+    with IPVS() as ipvs:
+        family_id = ipvs.prid
+    sock = BatchSocket(family_id, IPVSSettings())
+    try:
+        yield sock
     finally:
-        runner.run(opened.__aexit__(None, None, None))
+        sock.close()

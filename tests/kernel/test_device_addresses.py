@@ -12,7 +12,6 @@ interface index once strict checking is on).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
 import json
@@ -42,6 +41,7 @@ from aproxy.core.model import (
 )
 from aproxy.core.state import IPVSState
 from tests.kernel import netlab
+from tests.kernel.opened import opened_backend
 
 pytestmark = pytest.mark.kernel
 
@@ -65,15 +65,6 @@ REAL = RealServer(ip_address("10.244.8.1"), 8080, 2)
 @pytest.fixture
 def settings(tmp_path: Path) -> IPVSSettings:
     return IPVSSettings(state_file=tmp_path / "owned.json", masquerade=False)
-
-
-@contextlib.contextmanager
-def opened_backend(runner: asyncio.Runner, settings: IPVSSettings) -> Iterator[IPVSBackend]:
-    opened = runner.run(IPVSBackend(settings).__aenter__())
-    try:
-        yield opened
-    finally:
-        runner.run(opened.__aexit__(None, None, None))
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -124,18 +123,6 @@ def varied_table(runner: asyncio.Runner, backend: IPVSBackend) -> None:
     results = runner.run(backend.apply(table_operations()))
     assert all(result.ok for result in results), [result for result in results if not result.ok]
     add_foreign_entries()
-
-
-@pytest.fixture
-def raw_socket(runner: asyncio.Runner) -> Iterator[BatchSocket]:
-    """A socket of the code under test of its own, on the family id pyroute2 resolves."""
-    with IPVS() as ipvs:
-        family_id = ipvs.prid
-    sock = BatchSocket(family_id, IPVSSettings())
-    try:
-        yield sock
-    finally:
-        sock.close()
 
 
 # --- pyroute2's reading of the same table (its decoder is the reference) ------------------------------------

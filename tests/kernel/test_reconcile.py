@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
-from collections.abc import Iterator
 from ipaddress import IPv4Address, ip_address
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPVS
 
 from aproxy.backends.ipvs import BatchSocket, IPVSBackend, IPVSSettings
 from aproxy.core.changes import ChangeTracker
@@ -229,18 +227,6 @@ ABSENT = VirtualServerKey(L4Protocol.UDP, BOUND, 53)  # on a bound address, but 
 RECORDED = VirtualServerKey(L4Protocol.TCP, NODE_IP, 30090)  # owned through the ownership record
 RECORDED_REAL = RealServer(ip_address("10.244.7.3"), 8080, 1)
 FOREIGN_HERE = VirtualServerKey(L4Protocol.TCP, ip_address("198.51.100.8"), 80)
-
-
-@pytest.fixture
-def raw_socket() -> Iterator[BatchSocket]:
-    """A socket of the code under test of its own, on the family id pyroute2 resolves."""
-    with IPVS() as ipvs:
-        family_id = ipvs.prid
-    sock = BatchSocket(family_id, IPVSSettings())
-    try:
-        yield sock
-    finally:
-        sock.close()
 
 
 def test_read_leaves_out_a_foreign_virtual_server_and_asks_only_about_owned_ones(
