@@ -1,26 +1,18 @@
-"""aproxy's daemon (``aproxy run``): the composition root that wires a source, the change tracker, the sync
+"""aproxy's daemon (``aproxy run``): the composition root that wires a source, the change tracker, the kernel
 loop, the kernel backend and the health/metrics server together, on uvloop.
 
 Tasks, all in one ``asyncio.TaskGroup`` (SIGTERM, SIGINT or ``stop`` cancels them all and ``run`` returns 0;
 any task failing cancels the others and ``run`` returns 1 after logging which task failed and why):
 
 - ``source``: the manifest files or the Kubernetes API feed the ``ChangeTracker`` through ``_Intake``, which
-  wakes the kernel task and, once both kinds are listed, asks the ``SyncScheduler`` for a sync. Nothing is
-  requested, so nothing is applied, before both initial lists are complete.
-- ``kernel``: the one owner of kernel changes. A single loop runs, one at a time and never overlapping:
-  scheduler-driven syncs (the first one is ``Syncer.start``: adopt the kernel's owned state, plan the whole
-  cluster), then, between syncs, the audit every ``audit_period`` and the drain check every
-  ``drain_check_period`` while anything drains. A due sync always goes first, so an audit or a drain check
-  delays a sync by at most its own duration.
+  nudges the kernel loop on every change (``KernelLoop.changed``).
+- ``kernel``: reads this node's addresses (from the Node object when not given), builds the ``Syncer`` and
+  runs the kernel loop (aproxy.kernel_loop): the one owner of kernel changes, which decides when to sync,
+  audit and check drains, and backs off after a failure.
 - ``web``: ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics`` (aproxy.web.server).
 - ``node`` (Kubernetes source only): watches this node's Node object; while it is being deleted, tainted
   ``ToBeDeletedByClusterAutoscaler`` or gone, ``/healthz`` answers 503 with ``nodeEligible: false``.
 - ``stop``: waits for the stop event.
-
-A failed sync is retried after tenacity's exponential backoff with jitter (``SyncRetry``: 1 s, 2 s, 4 s, ...
-at most 30 s by default), fed to the scheduler as its retry interval; the backoff starts over after a
-success. A pass that could not reach the kernel at all (``BackendError``, ``OSError``) makes the next sync a
-full one (``start`` again), because the changes it had taken from the tracker were lost with it.
 
 Stopping leaves the kernel rules in place: a restart must not drop traffic (and performs zero operations).
 """
@@ -29,34 +21,34 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gc
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
 import uvloop
-from tenacity import RetryCallState, Retrying, wait_exponential_jitter
+from tenacity import RetryCallState, wait_exponential_jitter
 
-from aproxy.backends.base import Backend, BackendError
-from aproxy.backends.ipvs import IPVSBackend, IPVSSettings, IPVSUnavailable
+from aproxy.backends.base import Backend
+from aproxy.backends.ipvs import IPVSBackend, IPVSUnavailable
 from aproxy.backends.masquerade import MasqueradeError
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.debounce import SyncScheduler
-from aproxy.core.drain import DEFAULT_GRACE_PERIOD, DrainClock
-from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress
+from aproxy.core.drain import DrainClock
+from aproxy.core.model import IPAddress
 from aproxy.core.translate import TranslationContext
-from aproxy.metrics import DaemonMetrics, LoopStats
+from aproxy.kernel_loop import KernelLoop, LoopSettings, LoopStats
+from aproxy.metrics import DaemonMetrics
+from aproxy.settings import Settings
 from aproxy.sources.base import ListedKind, Source
 from aproxy.sources.file import FileSource
-from aproxy.syncer import Syncer, SyncReport
+from aproxy.startup_gc import StartupCollection
+from aproxy.syncer import Syncer
 from aproxy.web.health import decide
-from aproxy.web.server import Exposition, HealthSnapshot, ListenAddress, WebServer
+from aproxy.web.server import Exposition, HealthSnapshot, WebServer
 
 if TYPE_CHECKING:
     from kubernetes_asyncio.client import Configuration
@@ -67,42 +59,6 @@ log = logging.getLogger(__name__)
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
-
-BackendKind = Literal["ipvs", "dry-run"]
-PassKind = Literal["sync", "audit", "drain"]
-
-# kube-proxy's defaults: health for the node's load balancers, metrics for a local scraper.
-DEFAULT_HEALTHZ_ADDRESS: Final = ListenAddress("0.0.0.0", 10256)
-DEFAULT_METRICS_ADDRESS: Final = ListenAddress("127.0.0.1", 10249)
-
-# A pass that could not be attempted at all: nothing per operation to report, retry the whole thing.
-_WHOLESALE_FAILURES: Final = (BackendError, OSError)
-# Until the initial sync is done, the collector's young generation is collected this rarely (the default is
-# 700 allocations): the initial list builds about a million long-lived objects at 10k services, and the
-# default thresholds walk them again and again as they pile up (about 30% of the time to the first desired
-# state, bench/watch.py (c)). Collections still run, so a long API outage at start-up piles up no garbage.
-STARTUP_GC_THRESHOLD: Final = 100_000
-
-
-class StartupCollection:
-    """Fewer garbage collections while the initial state is built: ``begin`` at start, ``end`` after."""
-
-    def __init__(self) -> None:
-        self._saved: tuple[int, int, int] | None = None
-
-    def begin(self) -> None:
-        if self._saved is None:
-            self._saved = gc.get_threshold()
-            gc.set_threshold(STARTUP_GC_THRESHOLD, *self._saved[1:])
-
-    def end(self) -> None:
-        if self._saved is not None:
-            gc.set_threshold(*self._saved)
-            self._saved = None
-
-
-class SettingsError(ValueError):
-    """Settings that cannot work together (a period out of range, two sources, ...)."""
 
 
 class StartupError(RuntimeError):
@@ -117,95 +73,8 @@ class StopRequested(Exception):
     """The stop event was set (SIGTERM, SIGINT or the caller): the normal end of the daemon."""
 
 
-@dataclass(frozen=True, slots=True)
-class SyncRetry:
-    """Backoff before retrying a failed sync: ``initial * 2**(n-1) + uniform(0, jitter)``, at most ``cap``."""
-
-    initial: float = 1.0
-    cap: float = 30.0
-    jitter: float = 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything ``aproxy run`` is told. ``sources`` (manifest files or directories) or, when empty, the
-    Kubernetes API (``kubeconfig``/``master``, else in-cluster, KUBECONFIG or ~/.kube/config)."""
-
-    node_name: str
-    sources: tuple[Path, ...] = ()
-    kubeconfig: Path | None = None
-    master: str | None = None
-    # Empty with the Kubernetes source: read from the Node object (and the zone too, if unset).
-    node_ips: tuple[IPAddress, ...] = ()
-    node_zone: str | None = None
-    default_scheduler: str = DEFAULT_SCHEDULER
-    min_sync_period: float = 1.0
-    sync_period: float = 30.0
-    audit_period: float = 60.0
-    drain_check_period: float = 5.0
-    drain_grace_period: float = DEFAULT_GRACE_PERIOD
-    # How often a kubeconfig's token is re-read (exec plugin, tokenFile: aproxy/sources/credentials.py).
-    credential_renewal_period: float = 60.0
-    retry: SyncRetry = field(default_factory=SyncRetry)
-    backend: BackendKind = "ipvs"
-    ipvs: IPVSSettings = field(default_factory=IPVSSettings)
-    healthz_address: ListenAddress = DEFAULT_HEALTHZ_ADDRESS
-    metrics_address: ListenAddress = DEFAULT_METRICS_ADDRESS
-
-    def __post_init__(self) -> None:
-        problems = list(self._problems())
-        if problems:
-            raise SettingsError("; ".join(problems))
-
-    def _problems(self) -> list[str]:
-        problems = []
-        if not self.node_name:
-            problems.append("a node name is required")
-        if self.sources and (self.kubeconfig is not None or self.master):
-            problems.append("use manifest sources or the Kubernetes API (kubeconfig/master), not both")
-        if self.default_scheduler not in SCHEDULERS:
-            problems.append(f"unknown IPVS scheduler {self.default_scheduler!r}")
-        if self.backend not in ("ipvs", "dry-run"):
-            problems.append(f"unknown backend {self.backend!r}")
-        if self.min_sync_period < 0:
-            problems.append("the minimum sync period must be >= 0")
-        if self.sync_period <= 0 or self.sync_period < self.min_sync_period:
-            problems.append("the sync period must be > 0 and >= the minimum sync period")
-        for name in ("audit_period", "drain_check_period", "credential_renewal_period"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name.replace('_', ' ')} must be > 0")
-        if self.drain_grace_period < 0:
-            problems.append("the drain grace period must be >= 0")
-        if self.retry.initial <= 0 or self.retry.cap < self.retry.initial or self.retry.jitter < 0:
-            problems.append("retry backoff: need initial > 0, cap >= initial and jitter >= 0")
-        return problems
-
-
-class RetryBackoff:
-    """The delay before retrying a failed sync, from tenacity's ``wait_exponential_jitter``.
-
-    The sync loop is not one function call tenacity could wrap (each retry picks up whatever changed
-    meanwhile), so the loop counts consecutive failures itself and asks the wait strategy for the delay of
-    that attempt.
-    """
-
-    def __init__(self, policy: SyncRetry) -> None:
-        self._wait = wait_exponential_jitter(multiplier=policy.initial, max=policy.cap, jitter=policy.jitter)
-        self._state = RetryCallState(Retrying(), None, (), {})
-        self.failures = 0
-
-    def failed(self) -> float:
-        """One more consecutive failure: the delay before the next attempt."""
-        self.failures += 1
-        self._state.attempt_number = self.failures
-        return float(self._wait(self._state))
-
-    def succeeded(self) -> None:
-        self.failures = 0
-
-
 class _Intake:
-    """The ``ObjectSink`` the source feeds: the tracker, plus a nudge to the kernel task on every change."""
+    """The ``ObjectSink`` the source feeds: the tracker, plus a nudge to the kernel loop on every change."""
 
     def __init__(self, tracker: ChangeTracker, changed: Callable[[], None]) -> None:
         self._tracker = tracker
@@ -255,12 +124,26 @@ class Daemon:
             retry_interval=settings.retry.initial,
         )
         self.stats = LoopStats()
-        self.backoff = RetryBackoff(settings.retry)
-        self.syncer: Syncer | None = None
         self.source: Source | None = source
-        self.initial_sync_done = False
         self.metrics = DaemonMetrics(
-            tracker=self.tracker, syncer=lambda: self.syncer, source=lambda: self.source, stats=self.stats
+            tracker=self.tracker,
+            syncer=lambda: self.loop.syncer,
+            source=lambda: self.source,
+            stats=self.stats,
+        )
+        self._startup_collection = StartupCollection()
+        self.loop = KernelLoop(
+            self.tracker,
+            self.scheduler,
+            LoopSettings(
+                audit_period=settings.audit_period,
+                drain_check_period=settings.drain_check_period,
+                retry=settings.retry,
+            ),
+            stats=self.stats,
+            sync_duration=self.metrics.sync_duration,
+            audit_duration=self.metrics.audit_duration,
+            collection=self._startup_collection,
         )
         self.web = WebServer(
             healthz_address=settings.healthz_address,
@@ -269,19 +152,13 @@ class Daemon:
             metrics=lambda: Exposition(self.metrics.exposition(), self.metrics.content_type),
         )
         self._backend = backend
-        self._intake = _Intake(self.tracker, self._changed)
+        self._intake = _Intake(self.tracker, self.loop.changed)
         self._kube_config: Configuration | None = None  # with the Kubernetes source
         # The node watch (Kubernetes source only) and what it last said; manifest sources: always eligible.
         self._watch_node: Callable[[], Coroutine[Any, Any, None]] | None = None
         self.node_eligible = True
         self.node_reason = ""
         self._node_addresses: frozenset[IPAddress] | None = None  # the last seen (or programmed) ones
-        self._wake = asyncio.Event()
-        self._pass_done = asyncio.Event()
-        self._needs_full = True  # the next sync is Syncer.start: the first one, or after a wholesale failure
-        self._next_audit: float | None = None
-        self._next_drain: float | None = None
-        self._startup_collection = StartupCollection()
 
     # --- running ----------------------------------------------------------------------------------------
 
@@ -368,128 +245,9 @@ class Daemon:
     # --- the kernel task ---------------------------------------------------------------------------------
 
     async def _kernel(self, backend: Backend) -> None:
-        ctx = await self._translation_context()
-        syncer = Syncer(self.tracker, ctx, backend, DrainClock(self.settings.drain_grace_period))
-        self.syncer = syncer
-        passes: dict[PassKind, Callable[[Syncer, float], Awaitable[None]]] = {
-            "sync": self._sync_pass,
-            "audit": self._audit_pass,
-            "drain": self._drain_pass,
-        }
-        loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            kind = self._due(now)
-            if kind is not None:
-                await passes[kind](syncer, now)
-                self._after_pass(syncer, loop.time())
-                continue
-            # No await between clear() and wait(): a change cannot slip in unnoticed.
-            self._wake.clear()
-            try:
-                async with asyncio.timeout_at(self._next_deadline(now)):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-
-    def _due(self, now: float) -> PassKind | None:
-        # Syncs first: an audit or a drain check never makes a due sync wait for more than one pass.
-        if self.tracker.initialized and self.scheduler.due(now):
-            return "sync"
-        if self._needs_full:
-            return None  # the full pass that is due anyway does what an audit or a drain check would
-        if self._next_audit is not None and now >= self._next_audit:
-            return "audit"
-        if self._next_drain is not None and now >= self._next_drain:
-            return "drain"
-        return None
-
-    def _next_deadline(self, now: float) -> float | None:
-        sync_at = self.scheduler.next_wakeup(now) if self.tracker.initialized else None
-        others = (self._next_audit, self._next_drain) if not self._needs_full else ()
-        times = [t for t in (sync_at, *others) if t is not None]
-        return min(times) if times else None
-
-    async def _sync_pass(self, syncer: Syncer, now: float) -> None:
-        full = self._needs_full
-        kind = "start" if full else "sync"
-        self.scheduler.started(now)
-        began = time.perf_counter()
-        report: SyncReport | None = None
-        try:
-            report = await (syncer.start() if full else syncer.sync())
-        except _WHOLESALE_FAILURES as exc:
-            self._needs_full = True
-            log.error(
-                "sync could not reach the kernel; the next sync is a full one", extra={"error": str(exc)}
-            )
-        else:
-            self._needs_full = False
-        self.metrics.sync_duration.observe(time.perf_counter() - began)
-        ok = report is not None and report.ok
-        if ok:
-            self.backoff.succeeded()
-            self.stats.retry_delay = 0.0
-            self.stats.last_sync_wall = time.time()
-        else:
-            self.stats.failures[kind] += 1
-            self.stats.retry_delay = self.backoff.failed()
-            self.scheduler.retry_interval = self.stats.retry_delay
-        self.scheduler.finished(asyncio.get_running_loop().time(), ok)
-        if report is not None:
-            _log_report(report, self.stats.retry_delay)
-            if full and not self.initial_sync_done:
-                self._initial_sync_finished(report)
-
-    def _initial_sync_finished(self, report: SyncReport) -> None:
-        self.initial_sync_done = True
-        self._next_audit = asyncio.get_running_loop().time() + self.settings.audit_period
-        # The tracker's objects live as long as the process: move them out of the collector's sight, or
-        # every full collection walks them all (pauses of several ms at 10k services).
-        gc.collect()
-        gc.freeze()
-        self._startup_collection.end()
-        log.info(
-            "initial sync done",
-            extra={
-                "services": report.services,
-                "operations": len(report.results),
-                "failed": len(report.failures),
-            },
-        )
-
-    async def _audit_pass(self, syncer: Syncer, now: float) -> None:
-        began = time.perf_counter()
-        report: SyncReport | None = None
-        try:
-            report = await syncer.audit()
-        except _WHOLESALE_FAILURES as exc:
-            log.error("audit could not read the kernel", extra={"error": str(exc)})
-        self.metrics.audit_duration.observe(time.perf_counter() - began)
-        self._next_audit = asyncio.get_running_loop().time() + self.settings.audit_period
-        self._after_repair("audit", syncer, report)
-
-    async def _drain_pass(self, syncer: Syncer, now: float) -> None:
-        report: SyncReport | None = None
-        try:
-            report = await syncer.drain()
-        except _WHOLESALE_FAILURES as exc:
-            log.error("drain check could not reach the kernel", extra={"error": str(exc)})
-        self._next_drain = None  # re-armed by _after_pass while anything still drains
-        self._after_repair("drain", syncer, report)
-
-    def _after_repair(self, kind: str, syncer: Syncer, report: SyncReport | None) -> None:
-        if report is not None and report.ok:
-            return
-        self.stats.failures[kind] += 1
-        if syncer.pending_retries:
-            self._request()  # the services it failed for are retried by the sync loop, with its backoff
-
-    def _after_pass(self, syncer: Syncer, now: float) -> None:
-        if self._next_drain is None and syncer.started and next(syncer.planner.draining(), None) is not None:
-            self._next_drain = now + self.settings.drain_check_period
-        done, self._pass_done = self._pass_done, asyncio.Event()
-        done.set()
+        context = await self._translation_context()
+        drains = DrainClock(self.settings.drain_grace_period)
+        await self.loop.run(Syncer(self.tracker, context, backend, drains))
 
     async def _translation_context(self) -> TranslationContext:
         settings = self.settings
@@ -565,20 +323,6 @@ class Daemon:
                 extra={"old": _joined(previous), "new": _joined(addresses)},
             )
 
-    # --- intake side ---------------------------------------------------------------------------------------
-
-    def _changed(self) -> None:
-        # Before both lists are complete nothing is requested: no sync may run, and /healthz must not count
-        # the time spent listing as a change waiting for a sync.
-        if self.tracker.initialized:
-            self._request()
-        self._wake.set()
-
-    def _request(self) -> None:
-        self.scheduler.request(asyncio.get_running_loop().time())
-        self.stats.last_queued_wall = time.time()
-        self._wake.set()
-
     # --- observation ---------------------------------------------------------------------------------------
 
     def health(self) -> HealthSnapshot:
@@ -589,34 +333,11 @@ class Daemon:
             scheduler.pending_since,
             scheduler.last_success,
             self.settings.sync_period,
-            self.initial_sync_done,
+            self.loop.initial_sync_done,
             node_eligible=self.node_eligible,
             node_reason=self.node_reason,
         )
         return HealthSnapshot(verdict, self.stats.last_sync_wall, time.time())
-
-    async def next_pass(self) -> None:
-        """Return after the kernel task's next pass (sync, audit or drain check) has finished."""
-        await self._pass_done.wait()
-
-
-def _log_report(report: SyncReport, retry_delay: float) -> None:
-    fields = {
-        "kind": report.kind,
-        "services": report.services,
-        "operations": len(report.results),
-        "failed": len(report.failures),
-    }
-    if not report.ok:
-        failed = sorted(f"{key.namespace}/{key.name}" for key in report.failed_services)
-        log.warning(
-            "sync failed; retrying",
-            extra={**fields, "failed_services": ",".join(failed[:10]), "retry_in": round(retry_delay, 3)},
-        )
-    elif report.results:
-        log.info("synced", extra=fields)
-    else:
-        log.debug("synced", extra=fields)
 
 
 def _joined(addresses: frozenset[IPAddress]) -> str:

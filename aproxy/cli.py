@@ -22,6 +22,7 @@ from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, operation_to_dict
 from aproxy.core.translate import TranslationContext
+from aproxy.settings import Settings, SettingsError
 from aproxy.sources.manifest import ManifestError, load_manifests
 from aproxy.syncer import Syncer, SyncReport, desired_all, log_skips
 from aproxy.web.server import ListenAddress, ListenAddressError
@@ -143,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    defaults = app.Settings(node_name="-")
+    defaults = Settings(node_name="-")
     run = commands.add_parser(
         "run",
         help="the daemon: follow the cluster and keep IPVS in step, with health and metrics endpoints",
@@ -352,7 +353,7 @@ def _sync(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        settings = app.Settings(
+        settings = Settings(
             node_name=args.node_name,
             sources=tuple(args.source),
             kubeconfig=args.kubeconfig,
@@ -370,7 +371,7 @@ def _run(args: argparse.Namespace) -> int:
             healthz_address=args.healthz_bind_address,
             metrics_address=args.metrics_bind_address,
         )
-    except app.SettingsError as exc:
+    except SettingsError as exc:
         print(f"aproxy run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     return app.main(settings)

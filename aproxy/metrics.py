@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Final
 
 from prometheus_client import (
@@ -42,6 +41,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from aproxy.core.changes import ChangeTracker
+from aproxy.kernel_loop import LoopStats
 from aproxy.syncer import Syncer
 
 PREFIX: Final = "aproxy"
@@ -69,18 +69,8 @@ SOURCE_COUNTERS: Final[tuple[tuple[str, str, str, str | None], ...]] = (
 )
 
 
-@dataclass(slots=True)
-class LoopStats:
-    """What the daemon's sync loop records beyond the syncer's counters (written by the loop only)."""
-
-    last_sync_wall: float | None = None
-    last_queued_wall: float | None = None
-    failures: Counter[str] = field(default_factory=Counter)
-    retry_delay: float = 0.0
-
-
 class DaemonMetrics:
-    """The registry, the histograms the loop observes, and the exposition for ``/metrics``."""
+    """The registry, the histograms the kernel loop observes, and the exposition for ``/metrics``."""
 
     content_type: Final = CONTENT_TYPE_LATEST
 

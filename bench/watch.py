@@ -9,15 +9,15 @@
     coalescing: the worst case). Every event changes every endpoint of its slice (each address moves to
     another endpoint, on another node: no endpoint equals one of the previous version; addresses and real
     servers are shared with it). It starts where the daemon is after its initial sync: every service
-    translated once, the state frozen out of the collector's sight (``gc.freeze()``, as aproxy/app.py does).
-    Target: at least 50,000 events/s on one core.
+    translated once, the state frozen out of the collector's sight (``gc.freeze()``, as the daemon does:
+    aproxy/startup_gc.py). Target: at least 50,000 events/s on one core.
 (b) the same events streamed by the fake API server (tests/fakeapi, in its own process) over loopback HTTP to
     a running KubernetesSource: the events are queued while the stream is stalled, then released, so the
     figure is the client's throughput, not the fake server's. Reported: events/s and the cost on top of (a).
 (c) the initial list of 10,000 Services and 10,000 EndpointSlices (100,000 endpoints) from the fake server
     (its own process), measured in a fresh process: time from start to the first complete desired state
     (every service translated) and that process's peak RSS (ru_maxrss), with the daemon's start-up
-    collector thresholds (aproxy.app.StartupCollection). Target: under 200 MB.
+    collector thresholds (aproxy.startup_gc.StartupCollection). Target: under 200 MB.
 
 Each figure is printed with its target and the ratio; a missed target says so, with a profile of what
 dominates. The event loop is uvloop's, as in the daemon.
@@ -49,11 +49,11 @@ import orjson
 import uvloop
 from kubernetes_asyncio.client import Configuration
 
-from aproxy.app import StartupCollection
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.translate import TranslationContext
 from aproxy.sources.base import ListedKind
 from aproxy.sources.kubernetes import KubernetesSource
+from aproxy.startup_gc import StartupCollection
 
 CTX = TranslationContext(node_name="node-1", node_addresses=frozenset())
 NAMESPACE = "bench"
@@ -198,7 +198,8 @@ def in_memory(
     tracker = listed_tracker(services)
     # Where the daemon is when watch events come: its initial sync translated every service once
     # (aproxy/syncer.py, desired_all), then froze the long-lived state out of the collector's sight
-    # (aproxy/app.py), so full collections do not walk it. The freeze is undone at the end, for the next run.
+    # (aproxy/startup_gc.py), so full collections do not walk it. The freeze is undone at the end, for the
+    # next run.
     for key in tracker.services():
         tracker.desired(key, CTX)
     gc.collect()
@@ -465,8 +466,8 @@ def report_memory(services: int, events: int) -> Throughput:
     results = [report_shape(services, events, label, shape) for label, shape in SHAPES.items()]
     print(
         "    (from the state after the daemon's initial sync: every service translated once, then "
-        "gc.freeze() as aproxy/app.py does; the stages are timed in the same pass, so they include the "
-        "timers' own cost)"
+        "gc.freeze() as aproxy/startup_gc.py does; the stages are timed in the same pass, so they include "
+        "the timers' own cost)"
     )
     return results[0]
 

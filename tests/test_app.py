@@ -2,7 +2,7 @@
 
 Every wait is bounded (``TIMEOUT`` for a whole scenario, ``STEP`` for one awaited condition) and every
 assertion is about behaviour: operations the backend saw, what the endpoints answer, what the metrics say.
-Conditions are awaited pass by pass (``Daemon.next_pass``), never by sleeping.
+Conditions are awaited pass by pass (``KernelLoop.next_pass``), never by sleeping.
 """
 
 from __future__ import annotations
@@ -29,22 +29,18 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from aproxy import cli
-from aproxy.app import (
-    EXIT_FAILED,
-    EXIT_OK,
-    STARTUP_GC_THRESHOLD,
-    Daemon,
-    Settings,
-    SettingsError,
-    SyncRetry,
-)
+from aproxy.app import EXIT_FAILED, EXIT_OK, Daemon
 from aproxy.backends.base import BackendError, RealServerConnections
 from aproxy.backends.memory import MemoryBackend
+from aproxy.core.backoff import RetryPolicy
 from aproxy.core.model import AddVirtualServer, DeleteVirtualServer, L4Protocol, Operation, RealServerKey
 from aproxy.core.model import VirtualServerKey as VSKey
 from aproxy.core.state import IPVSState
+from aproxy.settings import Settings, SettingsError
 from aproxy.sources.base import ObjectSink
 from aproxy.sources.kubernetes import KubernetesSource
+from aproxy.startup_gc import STARTUP_GC_THRESHOLD
+from aproxy.syncer import Syncer
 from aproxy.web.server import ListenAddress
 from tests.core.k8s import endpoint, endpoint_slice, port, service, slice_port
 from tests.fakeapi import fixtures
@@ -58,6 +54,7 @@ fake_api = fixtures.fake_api  # the fake Kubernetes API server, as a fixture
 EPHEMERAL = ListenAddress("127.0.0.1", 0)
 WEB = VSKey(L4Protocol.TCP, ip_address("10.96.0.1"), 80)
 API = VSKey(L4Protocol.TCP, ip_address("10.96.0.2"), 80)
+FAST_RETRY = RetryPolicy(initial=0.01, cap=0.02, jitter=0)  # retries within a scenario's bounds
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -107,6 +104,9 @@ class ScriptedSource:
         self._sink = sink
         self.attached.set()
         await asyncio.Event().wait()
+
+    async def wait_attached(self) -> None:
+        await asyncio.wait_for(self.attached.wait(), STEP)
 
     @property
     def sink(self) -> ObjectSink:
@@ -170,7 +170,20 @@ async def until(daemon: Daemon, condition: Callable[[], bool]) -> None:
     """Wait, pass by pass, until ``condition`` holds."""
     async with asyncio.timeout(STEP):
         while not condition():
-            await daemon.next_pass()
+            await daemon.loop.next_pass()
+
+
+async def initial_sync(daemon: Daemon) -> None:
+    await until(daemon, lambda: daemon.loop.initial_sync_done)
+
+
+async def synced(daemon: Daemon, source: ScriptedSource, *objects: dict[str, Any]) -> Syncer:
+    """Hand ``objects`` over as the complete initial lists; the syncer, once the initial sync is done."""
+    await source.wait_attached()
+    source.list_all(*objects)
+    await initial_sync(daemon)
+    assert daemon.loop.syncer is not None
+    return daemon.loop.syncer
 
 
 async def get(port: int | None, path: str) -> tuple[int, bytes]:
@@ -212,7 +225,7 @@ def test_nothing_applied_before_both_lists_then_healthy() -> None:
 
     async def scenario() -> None:
         async with running(daemon):
-            await asyncio.wait_for(source.attached.wait(), STEP)
+            await source.wait_attached()
             source.feed(web_service(), slice_of("web", "10.244.1.5", "10.244.1.6"))
             source.sink.mark_listed("services")  # the slices' list is not complete yet
 
@@ -226,7 +239,7 @@ def test_nothing_applied_before_both_lists_then_healthy() -> None:
             assert operations_metric(await metrics(daemon)) == Counter()
 
             source.sink.mark_listed("endpointslices")
-            await until(daemon, lambda: daemon.initial_sync_done)
+            await initial_sync(daemon)
 
             healthz, body = await get(daemon.web.healthz_port, "/healthz")
             assert healthz == 200
@@ -248,12 +261,10 @@ def test_garbage_collection_is_rarer_until_the_initial_sync_then_restored() -> N
 
     async def scenario() -> None:
         async with running(daemon):
-            await asyncio.wait_for(source.attached.wait(), STEP)
+            await source.wait_attached()
             assert gc.get_threshold() == (STARTUP_GC_THRESHOLD, *defaults[1:])
-            source.feed(web_service(), slice_of("web", "10.244.1.5"))
-            source.sink.mark_listed("services")
-            source.sink.mark_listed("endpointslices")
-            await until(daemon, lambda: daemon.initial_sync_done)
+            source.list_all(web_service(), slice_of("web", "10.244.1.5"))
+            await initial_sync(daemon)
             assert gc.get_threshold() == defaults
 
     try:
@@ -271,7 +282,7 @@ def test_thresholds_are_restored_when_the_daemon_stops_before_its_initial_sync()
 
     async def scenario() -> None:
         async with running(daemon):
-            await asyncio.wait_for(source.attached.wait(), STEP)
+            await source.wait_attached()
             assert gc.get_threshold()[0] == STARTUP_GC_THRESHOLD
 
     try:
@@ -288,7 +299,7 @@ def test_metrics_after_the_initial_sync(tmp_path: Path) -> None:
 
     async def scenario() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         async with running(daemon):
-            await until(daemon, lambda: daemon.initial_sync_done)
+            await initial_sync(daemon)
             return await metrics(daemon)
 
     samples = run(scenario())
@@ -329,7 +340,7 @@ def test_manifest_edit_applies_exactly_the_difference(tmp_path: Path) -> None:
 
     async def scenario() -> tuple[Counter[str], Counter[tuple[str, str]]]:
         async with running(daemon):
-            await until(daemon, lambda: daemon.initial_sync_done)
+            await initial_sync(daemon)
             initial = Counter(backend.applied)
             # The watch starts some time after the first read, unobservably: save the same edit until a sync
             # shows it. Re-reads of identical content change nothing, so the counts stay exact.
@@ -369,9 +380,7 @@ def test_stop_ends_run_cleanly_and_keeps_the_rules(tmp_path: Path, how: str) -> 
 
     async def scenario() -> tuple[int, set[asyncio.Task[Any]], int | None]:
         task = asyncio.create_task(daemon.run(stop, handle_signals=how == "sigterm"))
-        async with asyncio.timeout(STEP):
-            while not daemon.initial_sync_done:
-                await daemon.next_pass()
+        await initial_sync(daemon)
         port = daemon.web.healthz_port
         if how == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)  # handled by the daemon's loop handler, not the default
@@ -421,7 +430,7 @@ def test_a_failing_task_ends_run_with_an_error(
     async def scenario() -> tuple[int, set[asyncio.Task[Any]]]:
         runner = asyncio.create_task(daemon.run(asyncio.Event(), handle_signals=False))
         if source is None:
-            await asyncio.wait_for(scripted.attached.wait(), STEP)
+            await scripted.wait_attached()
             scripted.list_all(web_service())
         async with asyncio.timeout(STEP):
             code = await runner
@@ -449,15 +458,11 @@ class FlakyKernel(MemoryBackend):
 
 def test_an_unreachable_kernel_is_retried_not_fatal() -> None:
     source, backend = ScriptedSource(), FlakyKernel(outages=2)
-    daemon = Daemon(
-        settings(retry=SyncRetry(initial=0.01, cap=0.02, jitter=0)), source=source, backend=backend
-    )
+    daemon = Daemon(settings(retry=FAST_RETRY), source=source, backend=backend)
 
     async def scenario() -> None:
         async with running(daemon):
-            await asyncio.wait_for(source.attached.wait(), STEP)
-            source.list_all(web_service(), slice_of("web", "10.244.1.5"))
-            await until(daemon, lambda: daemon.initial_sync_done)
+            await synced(daemon, source, web_service(), slice_of("web", "10.244.1.5"))
 
     run(scenario())
     assert daemon.stats.failures == {"start": 2}
@@ -476,27 +481,24 @@ def test_a_failing_service_is_retried_with_growing_delay_and_healthz_turns_503()
 
     backend.inject_failure(api_add, EIO, times=1_000_000)
     daemon = Daemon(
-        settings(min_sync_period=0, sync_period=0.2, retry=SyncRetry(initial=0.02, cap=0.16, jitter=0)),
+        settings(min_sync_period=0, sync_period=0.2, retry=RetryPolicy(initial=0.02, cap=0.16, jitter=0)),
         source=source,
         backend=backend,
     )
 
     async def scenario() -> tuple[list[float], list[int]]:
         async with running(daemon):
-            await asyncio.wait_for(source.attached.wait(), STEP)
-            source.list_all(
-                web_service(), slice_of("web", "10.244.1.5"), api_service(), slice_of("api", "10.244.2.5")
-            )
-            await until(daemon, lambda: daemon.initial_sync_done)
+            web = (web_service(), slice_of("web", "10.244.1.5"))
+            await synced(daemon, source, *web, api_service(), slice_of("api", "10.244.2.5"))
             delays = [daemon.stats.retry_delay]
             async with asyncio.timeout(STEP):
                 while len(delays) < 5:
-                    await daemon.next_pass()
+                    await daemon.loop.next_pass()
                     delays.append(daemon.stats.retry_delay)
             statuses: list[int] = []
             async with asyncio.timeout(STEP):
                 while not statuses or statuses[-1] != 503:
-                    await daemon.next_pass()
+                    await daemon.loop.next_pass()
                     statuses.append((await get(daemon.web.healthz_port, "/healthz"))[0])
             assert (await get(daemon.web.healthz_port, "/livez"))[0] == 503
             assert (await get(daemon.web.healthz_port, "/readyz"))[0] == 503
@@ -509,9 +511,9 @@ def test_a_failing_service_is_retried_with_growing_delay_and_healthz_turns_503()
             return delays, statuses
 
     delays, statuses = run(scenario())
-    assert delays == [0.02, 0.04, 0.08, 0.16, 0.16]  # tenacity's exponential backoff, capped
+    assert delays == [0.02, 0.04, 0.08, 0.16, 0.16]  # the retry policy's exponential backoff, capped
     assert statuses[-2:] == [503, 200]
-    assert daemon.backoff.failures == 0
+    assert daemon.loop.backoff.failures == 0
     # Only the failing service was retried: web's operations were applied once, api's virtual server was
     # refused on every retry and then added once.
     assert backend.applied == {"bind_address": 2, "add_virtual_server": 2, "add_real_server": 2}
@@ -532,11 +534,8 @@ def test_audit_repairs_drift() -> None:
 
     async def scenario() -> tuple[Counter[str], float]:
         async with running(daemon):
-            await asyncio.wait_for(source.attached.wait(), STEP)
-            source.list_all(web_service(), slice_of("web", "10.244.1.5", "10.244.1.6"))
-            await until(daemon, lambda: daemon.initial_sync_done)
-            assert daemon.syncer is not None
-            counters = daemon.syncer.counters
+            syncer = await synced(daemon, source, web_service(), slice_of("web", "10.244.1.5", "10.244.1.6"))
+            counters = syncer.counters
             await until(daemon, lambda: counters.passes["audit"] >= 1)
             assert counters.audit_repairs == 0  # no drift, nothing done
             programmed = backend.dump_sync()
@@ -559,11 +558,8 @@ def test_removed_tcp_endpoint_drains_until_its_connections_are_gone() -> None:
 
     async def scenario() -> tuple[float, float]:
         async with running(daemon):
-            await asyncio.wait_for(source.attached.wait(), STEP)
-            source.list_all(web_service(), slice_of("web", "10.244.1.5", "10.244.1.6"))
-            await until(daemon, lambda: daemon.initial_sync_done)
-            assert daemon.syncer is not None
-            passes = daemon.syncer.counters.passes
+            syncer = await synced(daemon, source, web_service(), slice_of("web", "10.244.1.5", "10.244.1.6"))
+            passes = syncer.counters.passes
 
             source.feed(slice_of("web", "10.244.1.5"))
             await until(daemon, lambda: passes["drain"] >= 3)
@@ -597,14 +593,14 @@ def test_kubernetes_source_with_node_addresses_from_the_api(fake_api: FakeApiSer
     kubeconfig = fake_api.write_kubeconfig(tmp_path / "kubeconfig")
     backend = MemoryBackend()
     daemon = Daemon(
-        settings(node_ips=(), kubeconfig=kubeconfig, retry=SyncRetry(initial=0.01, cap=0.02, jitter=0)),
+        settings(node_ips=(), kubeconfig=kubeconfig, retry=FAST_RETRY),
         backend=backend,
     )
     node_port = VSKey(L4Protocol.TCP, ip_address("192.0.2.10"), 30080)
 
     async def scenario() -> set[VSKey]:
         async with running(daemon):
-            await until(daemon, lambda: daemon.initial_sync_done)
+            await initial_sync(daemon)
             fake_api.create(
                 "endpointslices", slice_of("web", "10.244.1.6", slice_name="web-2")
             )  # a watch event
@@ -631,7 +627,7 @@ def test_the_daemon_renews_a_kubeconfig_token_before_the_old_one_is_refused(
 
     async def scenario() -> int:
         async with running(daemon):
-            await until(daemon, lambda: daemon.initial_sync_done)
+            await initial_sync(daemon)
             source = daemon.source
             assert isinstance(source, KubernetesSource)
             token.write_text("two\n")  # rotated
@@ -698,7 +694,7 @@ def test_healthz_fails_while_the_node_is_tainted_for_removal_or_deleted(
     async def scenario() -> list[tuple[bool, str]]:
         answers = []
         async with running(daemon):
-            await until(daemon, lambda: daemon.initial_sync_done)
+            await initial_sync(daemon)
             programmed = dict(backend.applied)
             body, _ = await healthz_until(200)
             assert body["nodeEligible"] is True
@@ -780,7 +776,7 @@ def test_run_flags_and_defaults() -> None:
         pytest.param({"sync_period": 0.5, "min_sync_period": 1.0}, id="sync-period-below-minimum"),
         pytest.param({"audit_period": 0}, id="audit-period-zero"),
         pytest.param({"node_name": ""}, id="no-node-name"),
-        pytest.param({"retry": SyncRetry(initial=2, cap=1)}, id="retry-cap-below-initial"),
+        pytest.param({"retry": RetryPolicy(initial=2, cap=1)}, id="retry-cap-below-initial"),
         pytest.param({"default_scheduler": "fastest"}, id="unknown-scheduler"),
     ],
 )
