@@ -53,7 +53,7 @@ from aproxy.app import StartupCollection
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.translate import TranslationContext
 from aproxy.sources.base import ListedKind
-from aproxy.sources.kubernetes import KubernetesSource
+from aproxy.sources.kube.watch import KubernetesSource
 
 CTX = TranslationContext(node_name="node-1", node_addresses=frozenset())
 NAMESPACE = "bench"
