@@ -16,6 +16,7 @@ from ipaddress import ip_address
 from typing import Any
 
 import pytest
+from kubernetes_asyncio.client import Configuration
 
 from aproxy.sources.kube.errors import NotFoundError, PermissionDeniedError
 from aproxy.sources.kube.node import (
@@ -23,6 +24,7 @@ from aproxy.sources.kube.node import (
     TO_BE_DELETED_TAINT,
     NodeEligibility,
     NodeInfo,
+    ThisNode,
     fetch_node,
     node_eligibility,
     node_info,
@@ -220,6 +222,25 @@ def test_fetch_node_with_a_policy_retries_until_it_can_read_the_node(
     assert fake_api.count("get", "nodes") == 3
     retries = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert retries == ["cannot read this node from the API; retrying"] * 2
+
+
+def test_this_node_follows_eligibility_and_warns_when_watched_addresses_move(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    moved_to = ip_address("192.0.2.20")
+    watched = ThisNode(NODE, Configuration(), fixed_addresses=False)
+    fixed = ThisNode(NODE, Configuration(), fixed_addresses=True)  # --node-ip: the Node's do not matter
+    with caplog.at_level(logging.INFO, logger="aproxy.sources.kube.node"):
+        for this in (watched, fixed):
+            this.changed(NodeInfo((ADDRESS,), None))
+            this.changed(NodeInfo((moved_to,), None, TAINTED))
+            assert (this.eligible, this.reason) == (False, TAINTED.reason)
+            this.changed(None)
+            assert (this.eligible, this.reason) == (False, "gone (no Node object)")
+    transitions = [r.getMessage() for r in caplog.records if "eligible" in r.getMessage()]
+    assert transitions == ["this node is not eligible: /healthz answers 503"] * 4
+    moved = [r for r in caplog.records if "addresses changed" in r.getMessage()]
+    assert [(r.old, r.new) for r in moved] == [("192.0.2.10", "192.0.2.20")]
 
 
 # --- the watch ------------------------------------------------------------------------------------------
