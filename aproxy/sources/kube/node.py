@@ -1,12 +1,12 @@
 """This node's Node object: its addresses and zone, whether load balancers may send it traffic, and the watch
 that keeps the daemon's view of it current.
 
-``fetch_node`` GETs the Node once (``aproxy plan --kubeconfig``) or until it can be read (the daemon, which
-needs the addresses to program NodePorts). ``watch_node`` follows it with the source's list/watch loop (one
-object, selected by ``metadata.name`` at the server, no label selector): ``on_change`` gets a ``NodeInfo``
-whenever what it holds changes, and None when the Node does not exist or is deleted. ``ThisNode`` is the
-daemon's callback: it keeps the eligibility ``/healthz`` reports (kube-proxy's ``nodeEligible``) and warns
-when the Node's addresses move away from the ones NodePorts were programmed on.
+``fetch_node`` GETs the Node once (``aproxy plan --kubeconfig``) or until it can be read (the daemon, through
+``ThisNode.fetch``: it needs the addresses to program NodePorts). ``watch_node`` follows it with the source's
+list/watch loop (one object, selected by ``metadata.name`` at the server, no label selector): ``on_change``
+gets a ``NodeInfo`` whenever what it holds changes, and None when the Node does not exist or is deleted.
+``ThisNode`` is the daemon's callback: it keeps the eligibility ``/healthz`` reports (kube-proxy's
+``nodeEligible``) and warns when the Node's addresses move away from the ones NodePorts were programmed on.
 """
 
 from __future__ import annotations
