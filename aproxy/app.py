@@ -29,7 +29,6 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any, Final
 
 import uvloop
-from tenacity import RetryCallState, wait_exponential_jitter
 
 from aproxy.backends.base import Backend
 from aproxy.backends.ipvs import IPVSBackend, IPVSUnavailable
@@ -38,7 +37,6 @@ from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.debounce import SyncScheduler
 from aproxy.core.drain import DrainClock
-from aproxy.core.model import IPAddress
 from aproxy.core.translate import TranslationContext
 from aproxy.kernel_loop import KernelLoop, LoopSettings, LoopStats
 from aproxy.metrics import DaemonMetrics
@@ -51,9 +49,7 @@ from aproxy.web.health import decide
 from aproxy.web.server import Exposition, HealthSnapshot, WebServer
 
 if TYPE_CHECKING:
-    from kubernetes_asyncio.client import Configuration
-
-    from aproxy.sources.kubernetes import NodeInfo
+    from aproxy.sources.kube.node import ThisNode
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +149,9 @@ class Daemon:
         )
         self._backend = backend
         self._intake = _Intake(self.tracker, self.loop.changed)
-        self._kube_config: Configuration | None = None  # with the Kubernetes source
-        # The node watch (Kubernetes source only) and what it last said; manifest sources: always eligible.
+        # This node's Node and its watch (Kubernetes source only); manifest sources: always eligible.
+        self.node: ThisNode | None = None
         self._watch_node: Callable[[], Coroutine[Any, Any, None]] | None = None
-        self.node_eligible = True
-        self.node_reason = ""
-        self._node_addresses: frozenset[IPAddress] | None = None  # the last seen (or programmed) ones
 
     # --- running ----------------------------------------------------------------------------------------
 
@@ -222,20 +215,25 @@ class Daemon:
         if self.settings.sources:
             return FileSource(self.settings.sources)
         try:
-            from aproxy.sources import kubernetes
+            from aproxy.sources.kube.config import load_config
+            from aproxy.sources.kube.errors import KubernetesConfigError
+            from aproxy.sources.kube.node import ThisNode, watch_node
+            from aproxy.sources.kube.watch import KubernetesSource
         except ImportError as exc:
             raise StartupError(f"the Kubernetes source is not available: {exc}") from exc
         try:
-            cluster = await kubernetes.load_config(
+            cluster = await load_config(
                 self.settings.kubeconfig,
                 self.settings.master,
                 renewal_interval=self.settings.credential_renewal_period,
             )
-        except kubernetes.KubernetesConfigError as exc:
+        except KubernetesConfigError as exc:
             raise StartupError(str(exc)) from exc
-        self._kube_config = cluster.configuration
-        source = kubernetes.KubernetesSource(self._kube_config, renewal=cluster.renewal)
-        self._watch_node = functools.partial(source.watch_node, self.settings.node_name, self._node_changed)
+        source = KubernetesSource(cluster.configuration, renewal=cluster.renewal)
+        self.node = ThisNode(
+            self.settings.node_name, cluster.configuration, fixed_addresses=bool(self.settings.node_ips)
+        )
+        self._watch_node = functools.partial(watch_node, source, self.settings.node_name, self.node.changed)
         return source
 
     async def _feed(self, source: Source) -> None:
@@ -252,11 +250,9 @@ class Daemon:
     async def _translation_context(self) -> TranslationContext:
         settings = self.settings
         addresses, zone = settings.node_ips, settings.node_zone
-        if not addresses and self._kube_config is not None:
-            node = await self._read_node()
+        if not addresses and self.node is not None:
+            node = await self.node.fetch(settings.retry)
             addresses, zone = node.addresses, zone or node.zone
-            # What is programmed: the node watch warns when the Node's addresses move away from it.
-            self._node_addresses = frozenset(addresses)
         if not addresses:
             log.warning("no node address known: NodePort virtual servers are not programmed")
         log.info(
@@ -270,59 +266,6 @@ class Daemon:
             default_scheduler=settings.default_scheduler,
         )
 
-    async def _read_node(self) -> NodeInfo:
-        """This node's addresses and zone from the API, retried with backoff until they can be read."""
-        from kubernetes_asyncio.client import ApiClient, CoreV1Api
-        from tenacity import AsyncRetrying, retry_if_exception_type
-
-        from aproxy.sources import kubernetes
-
-        retry = self.settings.retry
-        async with ApiClient(self._kube_config) as client:
-            async for attempt in AsyncRetrying(
-                wait=wait_exponential_jitter(multiplier=retry.initial, max=retry.cap, jitter=retry.jitter),
-                retry=retry_if_exception_type(kubernetes.KubernetesSourceError),
-                before_sleep=_log_node_retry,
-                reraise=True,
-            ):
-                with attempt:
-                    return await kubernetes.read_node(CoreV1Api(client), self.settings.node_name)
-        raise AssertionError("unreachable: AsyncRetrying without a stop either returns or raises")
-
-    # --- the node watch ------------------------------------------------------------------------------------
-
-    def _node_changed(self, node: NodeInfo | None) -> None:
-        """The node watch's callback: eligibility for /healthz, and a warning when the addresses move."""
-        if node is None:
-            eligible, reason = False, "gone (no Node object)"
-        else:
-            eligible, reason = node.eligibility.eligible, node.eligibility.reason
-            self._node_addresses_seen(frozenset(node.addresses))
-        if (eligible, reason) == (self.node_eligible, self.node_reason):
-            return
-        self.node_eligible, self.node_reason = eligible, reason
-        if eligible:
-            log.info(
-                "this node is eligible again: /healthz follows the sync loop",
-                extra={"node": self.settings.node_name},
-            )
-        else:
-            log.info(
-                "this node is not eligible: /healthz answers 503",
-                extra={"node": self.settings.node_name, "reason": reason},
-            )
-
-    def _node_addresses_seen(self, addresses: frozenset[IPAddress]) -> None:
-        if self.settings.node_ips:
-            return  # addresses given by flag: the Node's do not matter
-        previous, self._node_addresses = self._node_addresses, addresses
-        if previous is not None and addresses != previous:
-            # Like kube-proxy, NodePorts are not moved live: that would need a full reprogramming.
-            log.warning(
-                "this node's addresses changed; NodePorts stay on the old ones until aproxy restarts",
-                extra={"old": _joined(previous), "new": _joined(addresses)},
-            )
-
     # --- observation ---------------------------------------------------------------------------------------
 
     def health(self) -> HealthSnapshot:
@@ -334,20 +277,10 @@ class Daemon:
             scheduler.last_success,
             self.settings.sync_period,
             self.loop.initial_sync_done,
-            node_eligible=self.node_eligible,
-            node_reason=self.node_reason,
+            node_eligible=self.node is None or self.node.eligible,
+            node_reason=self.node.reason if self.node is not None else "",
         )
         return HealthSnapshot(verdict, self.stats.last_sync_wall, time.time())
-
-
-def _joined(addresses: frozenset[IPAddress]) -> str:
-    return ",".join(str(address) for address in sorted(addresses, key=lambda a: (a.version, a)))
-
-
-def _log_node_retry(state: RetryCallState) -> None:
-    error = state.outcome.exception() if state.outcome is not None else None
-    delay = state.next_action.sleep if state.next_action is not None else 0.0
-    log.error("cannot read this node from the API; retrying", extra={"error": str(error), "retry_in": delay})
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> list[signal.Signals]:

@@ -271,16 +271,15 @@ def _context(args: argparse.Namespace) -> TranslationContext:
 async def tracker_from_cluster(args: argparse.Namespace) -> ChangeTracker:
     """One paged list of Services and EndpointSlices from the API into a tracker. Without --node-ip, the
     node's addresses (and zone) are read from its Node object into ``args``."""
-    from kubernetes_asyncio.client import ApiClient, CoreV1Api
+    from aproxy.sources.kube.config import load_config
+    from aproxy.sources.kube.node import fetch_node
+    from aproxy.sources.kube.watch import snapshot
 
-    from aproxy.sources import kubernetes
-
-    config = (await kubernetes.load_config(args.kubeconfig, args.master)).configuration
+    config = (await load_config(args.kubeconfig, args.master)).configuration
     tracker = ChangeTracker()
-    await kubernetes.snapshot(config, tracker)
+    await snapshot(config, tracker)
     if not args.node_ip:
-        async with ApiClient(config) as client:
-            node = await kubernetes.read_node(CoreV1Api(client), args.node_name)
+        node = await fetch_node(config, args.node_name)
         args.node_ip = list(node.addresses)
         args.node_zone = args.node_zone or node.zone
     return tracker
@@ -290,7 +289,7 @@ def _plan(args: argparse.Namespace) -> int:
     if args.source:
         tracker = tracker_from_manifests(args.source)
     else:
-        from aproxy.sources.kubernetes import KubernetesSourceError
+        from aproxy.sources.kube.errors import KubernetesSourceError
 
         try:
             tracker = uvloop.run(tracker_from_cluster(args))

@@ -52,7 +52,7 @@ from kubernetes_asyncio.client import Configuration
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.translate import TranslationContext
 from aproxy.sources.base import ListedKind
-from aproxy.sources.kubernetes import KubernetesSource
+from aproxy.sources.kube.watch import KubernetesSource
 from aproxy.startup_gc import StartupCollection
 
 CTX = TranslationContext(node_name="node-1", node_addresses=frozenset())

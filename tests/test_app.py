@@ -38,7 +38,7 @@ from aproxy.core.model import VirtualServerKey as VSKey
 from aproxy.core.state import IPVSState
 from aproxy.settings import Settings, SettingsError
 from aproxy.sources.base import ObjectSink
-from aproxy.sources.kubernetes import KubernetesSource
+from aproxy.sources.kube.watch import KubernetesSource
 from aproxy.startup_gc import STARTUP_GC_THRESHOLD
 from aproxy.syncer import Syncer
 from aproxy.web.server import ListenAddress
@@ -713,7 +713,7 @@ def test_healthz_fails_while_the_node_is_tainted_for_removal_or_deleted(
             assert backend.applied == programmed  # node changes re-program nothing, addresses included
         return answers
 
-    with caplog.at_level(logging.INFO, logger="aproxy.app"):
+    with caplog.at_level(logging.INFO, logger="aproxy.sources.kube.node"):
         answers = fake_api.run(scenario(), timeout=TIMEOUT)
     assert answers == [
         (False, "node is tainted ToBeDeletedByClusterAutoscaler"),

@@ -1,200 +1,47 @@
-"""The Kubernetes source against the fake API server: the real kubernetes-asyncio client over real HTTP.
-
-Every scenario feeds a real ``ChangeTracker`` through a sink that also records the calls, so tests can say
-both what the tracker ended up with and exactly what the source told it (nothing lost, nothing twice).
-Waits are bounded by ``fake_api.run``'s timeout; no assertion is about wall-clock time.
-"""
+"""The Kubernetes source's list/watch loop against the fake API server: the real kubernetes-asyncio client
+over real HTTP, feeding a recording sink (helpers.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from ipaddress import ip_address
-from pathlib import Path
-from typing import Any
 
 import pytest
-from kubernetes_asyncio.client import ApiClient, CoreV1Api
 
 from aproxy.backends.memory import MemoryBackend
-from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import ServiceKey, ServiceState
 from aproxy.core.plan import Planner
-from aproxy.core.translate import TranslationContext
-from aproxy.sources.base import ListedKind, ObjectSink, Source
-from aproxy.sources.kubernetes import (
-    LABEL_SELECTOR,
-    KubernetesConfigError,
-    KubernetesSource,
-    NodeInfo,
-    NotFoundError,
-    PermissionDeniedError,
-    RetryPolicy,
-    load_config,
-    read_node,
-    snapshot,
-)
-from tests.fakeapi import fixtures
+from aproxy.sources.kube.resources import LABEL_SELECTOR
+from aproxy.sources.kube.watch import KubernetesSource, snapshot
 from tests.fakeapi.protocol import bool_param
 from tests.fakeapi.server import CutMode, FakeApiServer
-
-# The fake server fixture, bound in this module so pytest finds it (no conftest in tests/sources).
-fake_api = fixtures.fake_api
-
-Obj = dict[str, Any]
-TIMEOUT = 20.0  # seconds: a bound against hanging, never an assertion
-NS = "shop"
-CTX = TranslationContext(node_name="node-a", node_addresses=frozenset({ip_address("192.0.2.10")}))
-# Retries in milliseconds, so that failure scenarios run fast; the logic is the production one.
-FAST = RetryPolicy(multiplier=0.005, cap=0.05, jitter=0.005, max_retry_after=5.0, permission_interval=0.05)
-
-
-# --- objects --------------------------------------------------------------------------------------------
-
-
-def service(name: str, labels: dict[str, str] | None = None, port: int = 80) -> Obj:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"namespace": NS, "name": name, "labels": labels or {}},
-        "spec": {"ports": [{"name": "http", "port": port}]},
-    }
-
-
-def endpoint_slice(
-    name: str, service_name: str, addresses: list[str], labels: dict[str, str] | None = None
-) -> Obj:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "namespace": NS,
-            "name": name,
-            "labels": {"kubernetes.io/service-name": service_name, **(labels or {})},
-        },
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [address], "conditions": {"ready": True}} for address in addresses],
-        "ports": [{"name": "http", "port": 8080}],
-    }
-
-
-def create_service(api: FakeApiServer, name: str, addresses: list[str]) -> None:
-    api.create("services", service(name))
-    api.create("endpointslices", endpoint_slice(f"{name}-1", name, addresses))
-
-
-def key(name: str) -> ServiceKey:
-    return ServiceKey(NS, name)
-
-
-# --- the sink and the source under test -----------------------------------------------------------------
-
-
-@dataclass
-class RecordingSink:
-    """Forwards every call to a ChangeTracker and records it as (method, "namespace/name" or kind)."""
-
-    tracker: ChangeTracker = field(default_factory=ChangeTracker)
-    calls: list[tuple[str, str]] = field(default_factory=list)
-    versions: dict[str, str] = field(default_factory=dict)  # "kind ns/name" -> resourceVersion last fed
-    objects: list[Obj] = field(default_factory=list)
-    called: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def upsert_service(self, raw: dict[str, Any]) -> None:
-        self._upsert("upsert_service", raw)
-        self.tracker.upsert_service(raw)
-
-    def delete_service(self, namespace: str, name: str) -> None:
-        self.tracker.delete_service(namespace, name)
-        self._record("delete_service", f"{namespace}/{name}")
-
-    def upsert_slice(self, raw: dict[str, Any]) -> None:
-        self._upsert("upsert_slice", raw)
-        self.tracker.upsert_slice(raw)
-
-    def delete_slice(self, namespace: str, name: str) -> None:
-        self.tracker.delete_slice(namespace, name)
-        self._record("delete_slice", f"{namespace}/{name}")
-
-    def mark_listed(self, kind: ListedKind) -> None:
-        self.tracker.mark_listed(kind)
-        self._record("mark_listed", kind)
-
-    def count(self, method: str, subject: str) -> int:
-        return self.calls.count((method, subject))
-
-    def take(self) -> list[tuple[str, str]]:
-        calls, self.calls = self.calls, []
-        return calls
-
-    def _upsert(self, method: str, raw: dict[str, Any]) -> None:
-        meta = raw["metadata"]
-        subject = f"{meta['namespace']}/{meta['name']}"
-        self.versions[f"{method} {subject}"] = meta["resourceVersion"]
-        self.objects.append(raw)
-        self._record(method, subject)
-
-    def _record(self, method: str, subject: str) -> None:
-        self.calls.append((method, subject))
-        self.called.set()
-
-    async def until(self, condition: Callable[[], bool]) -> None:
-        while not condition():
-            self.called.clear()
-            await self.called.wait()
-
-
-def make_source(api: FakeApiServer, **options: Any) -> KubernetesSource:
-    options.setdefault("retry", FAST)
-    return KubernetesSource(api.configuration(), **options)
-
-
-@contextlib.asynccontextmanager
-async def running(source: Source, sink: ObjectSink) -> AsyncIterator[asyncio.Task[None]]:
-    """The source runs for the block's duration; it is cancelled after, and a crash surfaces here."""
-    task = asyncio.create_task(source.run(sink))
-    try:
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    """For counters that change without a sink call; bounded by the scenario's timeout."""
-    while not condition():  # noqa: ASYNC110 - the source exposes plain counters, not events
-        await asyncio.sleep(0.005)
-
-
-async def synced(api: FakeApiServer, sink: RecordingSink) -> None:
-    await sink.until(lambda: sink.tracker.initialized)
-    await api.wait_for_watches(2)
-
-
-def reals(tracker: ChangeTracker, name: str) -> list[tuple[str, int]]:
-    state, _ = tracker.desired(key(name), CTX)
-    assert state is not None
-    return [
-        (str(real.address), real.port) for virtual in state.virtual_servers for real in virtual.real_servers
-    ]
-
-
-def queries(api: FakeApiServer, verb: str, resource: str) -> list[dict[str, str]]:
-    return [dict(r.query) for r in api.requests if r.verb == verb and r.resource == resource]
-
+from tests.sources.kube.helpers import (
+    CTX,
+    NS,
+    TIMEOUT,
+    RecordingSink,
+    create_service,
+    create_services,
+    endpoint_slice,
+    eventually,
+    key,
+    make_source,
+    queries,
+    reals,
+    running,
+    running_synced,
+    service,
+    synced,
+)
 
 # --- initial sync ---------------------------------------------------------------------------------------
 
 
-def test_initial_sync_lists_in_pages_and_initializes_only_after_both_lists(fake_api: FakeApiServer) -> None:
+def test_initial_sync_lists_in_pages_and_initializes_only_after_both_lists(
+    fake_api: FakeApiServer, sink: RecordingSink
+) -> None:
     for index in range(7):
         create_service(fake_api, f"s{index}", [f"10.244.0.{index + 1}"])
     fake_api.forbid("endpointslices", "list")
-    sink = RecordingSink()
     source = make_source(fake_api, page_size=3)
 
     async def scenario() -> None:
@@ -229,10 +76,9 @@ def test_initial_sync_lists_in_pages_and_initializes_only_after_both_lists(fake_
     assert source.relists_total == 0
 
 
-def test_snapshot_lists_both_kinds_once_into_the_sink(fake_api: FakeApiServer) -> None:
+def test_snapshot_lists_both_kinds_once_into_the_sink(fake_api: FakeApiServer, sink: RecordingSink) -> None:
     for index in range(5):
         create_service(fake_api, f"s{index}", [f"10.244.0.{index + 1}"])
-    sink = RecordingSink()
 
     async def scenario() -> None:
         await snapshot(fake_api.configuration(), sink, page_size=2)
@@ -247,15 +93,13 @@ def test_snapshot_lists_both_kinds_once_into_the_sink(fake_api: FakeApiServer) -
 # --- watch ----------------------------------------------------------------------------------------------
 
 
-def test_burst_of_updates_coalesces_in_the_tracker(fake_api: FakeApiServer) -> None:
-    create_service(fake_api, "a", ["10.244.1.1"])
-    create_service(fake_api, "b", ["10.244.2.1"])
-    sink = RecordingSink()
-    source = make_source(fake_api)
+def test_burst_of_updates_coalesces_in_the_tracker(
+    fake_api: FakeApiServer, sink: RecordingSink, source: KubernetesSource
+) -> None:
+    create_services(fake_api, "a", "b")
 
     async def scenario() -> None:
-        async with running(source, sink):
-            await synced(fake_api, sink)
+        async with running_synced(fake_api, source, sink):
             sink.tracker.take_dirty()
             for index in range(2, 22):
                 fake_api.update("endpointslices", endpoint_slice("a-1", "a", [f"10.244.1.{index}"]))
@@ -279,15 +123,12 @@ def test_burst_of_updates_coalesces_in_the_tracker(fake_api: FakeApiServer) -> N
     ],
 )
 def test_dropped_stream_resumes_from_the_last_resource_version(
-    fake_api: FakeApiServer, mode: CutMode
+    fake_api: FakeApiServer, sink: RecordingSink, source: KubernetesSource, mode: CutMode
 ) -> None:
     create_service(fake_api, "a", ["10.244.1.1"])
-    sink = RecordingSink()
-    source = make_source(fake_api)
 
     async def scenario() -> str:
-        async with running(source, sink):
-            await synced(fake_api, sink)
+        async with running_synced(fake_api, source, sink):
             created = fake_api.create("services", service("b"))
             await sink.until(lambda: sink.count("upsert_service", f"{NS}/b") == 1)
             assert fake_api.close_streams_mid_event(mode) == 2
@@ -308,14 +149,12 @@ def test_dropped_stream_resumes_from_the_last_resource_version(
     assert source.malformed_events == 0  # the half line is a broken stream, not a bad event
 
 
-def test_stalled_stream_is_abandoned_and_resumed(fake_api: FakeApiServer) -> None:
+def test_stalled_stream_is_abandoned_and_resumed(fake_api: FakeApiServer, sink: RecordingSink) -> None:
     create_service(fake_api, "a", ["10.244.1.1"])
-    sink = RecordingSink()
     source = make_source(fake_api, stall_timeout=0.3)
 
     async def scenario() -> None:
-        async with running(source, sink):
-            await synced(fake_api, sink)
+        async with running_synced(fake_api, source, sink):
             watches = fake_api.count("watch", "services")
             fake_api.stall_streams()  # open streams go silent; new watches get no answer either
             fake_api.create("services", service("b"))
@@ -329,14 +168,13 @@ def test_stalled_stream_is_abandoned_and_resumed(fake_api: FakeApiServer) -> Non
     assert source.relists_total == 0
 
 
-def test_server_side_timeout_rewatches_from_the_newest_bookmark(fake_api: FakeApiServer) -> None:
+def test_server_side_timeout_rewatches_from_the_newest_bookmark(
+    fake_api: FakeApiServer, sink: RecordingSink, source: KubernetesSource
+) -> None:
     create_service(fake_api, "a", ["10.244.1.1"])
-    sink = RecordingSink()
-    source = make_source(fake_api)
 
     async def scenario() -> str:
-        async with running(source, sink):
-            await synced(fake_api, sink)
+        async with running_synced(fake_api, source, sink):
             fake_api.create("nodes", {"metadata": {"name": "other-resource-write"}})  # moves the global RV on
             assert fake_api.bookmark_now() == 2
             bookmark = str(fake_api.current_rv)
@@ -379,17 +217,16 @@ async def apply(
         pytest.param("http-410", id="410-on-the-watch-request"),
     ],
 )
-def test_expired_watch_relists_and_emits_only_real_differences(fake_api: FakeApiServer, expiry: str) -> None:
+def test_expired_watch_relists_and_emits_only_real_differences(
+    fake_api: FakeApiServer, sink: RecordingSink, source: KubernetesSource, expiry: str
+) -> None:
     for name in "abcd":
         create_service(fake_api, name, [f"10.244.{ord(name)}.1", f"10.244.{ord(name)}.2"])
-    sink = RecordingSink()
-    source = make_source(fake_api)
     planner = Planner()
     backend = MemoryBackend()
 
     async def scenario() -> tuple[set[ServiceKey], set[ServiceKey]]:
-        async with running(source, sink):
-            await synced(fake_api, sink)
+        async with running_synced(fake_api, source, sink):
             tracker = sink.tracker
             initial = {k: tracker.desired(k, CTX)[0] for k in tracker.take_dirty()}
             assert await apply(planner, backend, initial) > 0
@@ -436,15 +273,13 @@ def test_expired_watch_relists_and_emits_only_real_differences(fake_api: FakeApi
 # --- outages and refusals -------------------------------------------------------------------------------
 
 
-def test_api_down_keeps_the_last_state_then_catches_up(fake_api: FakeApiServer) -> None:
-    create_service(fake_api, "a", ["10.244.1.1"])
-    create_service(fake_api, "b", ["10.244.2.1"])
-    sink = RecordingSink()
-    source = make_source(fake_api)
+def test_api_down_keeps_the_last_state_then_catches_up(
+    fake_api: FakeApiServer, sink: RecordingSink, source: KubernetesSource
+) -> None:
+    create_services(fake_api, "a", "b")
 
     async def scenario() -> None:
-        async with running(source, sink):
-            await synced(fake_api, sink)
+        async with running_synced(fake_api, source, sink):
             sink.take()
             refused = fake_api.count("watch")
             await fake_api.go_down()
@@ -482,12 +317,16 @@ def test_api_down_keeps_the_last_state_then_catches_up(fake_api: FakeApiServer) 
     ],
 )
 def test_forbidden_is_reported_clearly_and_recovers_once_allowed(
-    fake_api: FakeApiServer, caplog: pytest.LogCaptureFixture, verb: str, resource: str, expected: str
+    fake_api: FakeApiServer,
+    sink: RecordingSink,
+    source: KubernetesSource,
+    caplog: pytest.LogCaptureFixture,
+    verb: str,
+    resource: str,
+    expected: str,
 ) -> None:
     create_service(fake_api, "a", ["10.244.1.1"])
     fake_api.forbid(resource, verb)
-    sink = RecordingSink()
-    source = make_source(fake_api)
 
     async def scenario() -> None:
         async with running(source, sink):
@@ -497,7 +336,7 @@ def test_forbidden_is_reported_clearly_and_recovers_once_allowed(
             fake_api.update("endpointslices", endpoint_slice("a-1", "a", ["10.244.1.2"]))
             await sink.until(lambda: sink.count("upsert_slice", f"{NS}/a-1") == 2)
 
-    with caplog.at_level(logging.ERROR, logger="aproxy.sources.kubernetes"):
+    with caplog.at_level(logging.ERROR, logger="aproxy.sources.kube.watch"):
         fake_api.run(scenario(), timeout=TIMEOUT)
     errors = [record for record in caplog.records if record.levelno == logging.ERROR]
     assert errors
@@ -515,12 +354,16 @@ def test_forbidden_is_reported_clearly_and_recovers_once_allowed(
     ],
 )
 def test_server_errors_and_throttling_are_retried(
-    fake_api: FakeApiServer, status: int, retry_after: int | None, verb: str, kind: str
+    fake_api: FakeApiServer,
+    sink: RecordingSink,
+    source: KubernetesSource,
+    status: int,
+    retry_after: int | None,
+    verb: str,
+    kind: str,
 ) -> None:
     create_service(fake_api, "a", ["10.244.1.1"])
     fake_api.fail_next(2, status=status, retry_after=retry_after, verb=verb, resource="services")
-    sink = RecordingSink()
-    source = make_source(fake_api)
 
     async def scenario() -> None:
         async with running(source, sink):
@@ -537,10 +380,10 @@ def test_server_errors_and_throttling_are_retried(
         assert source.last_retry_delay is not None and source.last_retry_delay >= retry_after
 
 
-def test_malformed_events_are_skipped_and_counted_while_later_events_arrive(fake_api: FakeApiServer) -> None:
+def test_malformed_events_are_skipped_and_counted_while_later_events_arrive(
+    fake_api: FakeApiServer, sink: RecordingSink, source: KubernetesSource
+) -> None:
     create_service(fake_api, "a", ["10.244.1.1"])
-    sink = RecordingSink()
-    source = make_source(fake_api)
     bad_lines = [
         b"this is not json",
         b'{"type":"ADDED"}',
@@ -550,8 +393,7 @@ def test_malformed_events_are_skipped_and_counted_while_later_events_arrive(fake
     ]
 
     async def scenario() -> None:
-        async with running(source, sink):
-            await synced(fake_api, sink)
+        async with running_synced(fake_api, source, sink):
             for line in bad_lines:
                 assert fake_api.send_raw_line(line) == 2  # both watches get every line
             fake_api.create("services", service("b"))
@@ -568,7 +410,9 @@ def test_malformed_events_are_skipped_and_counted_while_later_events_arrive(fake
 # --- label selection ------------------------------------------------------------------------------------
 
 
-def test_service_proxy_name_and_headless_labels_are_filtered_at_the_server(fake_api: FakeApiServer) -> None:
+def test_service_proxy_name_and_headless_labels_are_filtered_at_the_server(
+    fake_api: FakeApiServer, sink: RecordingSink, source: KubernetesSource
+) -> None:
     other_proxy = {"service.kubernetes.io/service-proxy-name": "other"}
     create_service(fake_api, "mine", ["10.244.1.1"])
     fake_api.create("services", service("theirs", labels=other_proxy))
@@ -579,12 +423,9 @@ def test_service_proxy_name_and_headless_labels_are_filtered_at_the_server(fake_
         "endpointslices",
         endpoint_slice("headless-1", "headless", ["10.244.3.1"], {"service.kubernetes.io/headless": ""}),
     )
-    sink = RecordingSink()
-    source = make_source(fake_api)
 
     async def scenario() -> None:
-        async with running(source, sink):
-            await synced(fake_api, sink)
+        async with running_synced(fake_api, source, sink):
             assert sink.tracker.services() == {key("mine")}
             assert source.tracked("endpointslices") == 1
             sink.take()
@@ -599,7 +440,7 @@ def test_service_proxy_name_and_headless_labels_are_filtered_at_the_server(fake_
     assert LABEL_SELECTOR == "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
 
 
-def test_objects_are_trimmed_to_what_translation_reads(fake_api: FakeApiServer) -> None:
+def test_objects_are_trimmed_to_what_translation_reads(fake_api: FakeApiServer, sink: RecordingSink) -> None:
     fake_api.create(
         "services",
         {
@@ -612,7 +453,6 @@ def test_objects_are_trimmed_to_what_translation_reads(fake_api: FakeApiServer) 
             },
         },
     )
-    sink = RecordingSink()
 
     async def scenario() -> None:
         await snapshot(fake_api.configuration(), sink)
@@ -625,114 +465,13 @@ def test_objects_are_trimmed_to_what_translation_reads(fake_api: FakeApiServer) 
     assert sink.tracker.desired(key("a"), CTX)[0] is not None
 
 
-# --- node, configuration, shutdown ----------------------------------------------------------------------
+# --- shutdown -------------------------------------------------------------------------------------------
 
 
-def test_read_node_returns_its_addresses_and_zone(fake_api: FakeApiServer) -> None:
-    fake_api.create(
-        "nodes",
-        {
-            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-1"}},
-            "status": {
-                "addresses": [
-                    {"type": "Hostname", "address": "node-a"},
-                    {"type": "InternalIP", "address": "192.0.2.10"},
-                    {"type": "InternalIP", "address": "2001:db8::10"},
-                    {"type": "ExternalIP", "address": "203.0.113.7"},
-                    {"type": "InternalDNS", "address": "node-a.internal"},
-                    {"type": "ExternalIP", "address": "not-an-ip"},
-                ]
-            },
-        },
-    )
-    fake_api.create("nodes", {"metadata": {"name": "bare"}})
-
-    async def scenario() -> tuple[NodeInfo, NodeInfo]:
-        async with ApiClient(fake_api.configuration()) as client:
-            api = CoreV1Api(client)
-            return await read_node(api, "node-a"), await read_node(api, "bare")
-
-    node, bare = fake_api.run(scenario(), timeout=TIMEOUT)
-    assert node == NodeInfo(
-        addresses=(ip_address("192.0.2.10"), ip_address("2001:db8::10"), ip_address("203.0.113.7")),
-        zone="zone-1",
-    )
-    assert bare == NodeInfo(addresses=(), zone=None)
-
-
-def test_read_node_errors_name_the_problem(fake_api: FakeApiServer) -> None:
-    async def scenario() -> tuple[str, str]:
-        async with ApiClient(fake_api.configuration()) as client:
-            api = CoreV1Api(client)
-            with pytest.raises(NotFoundError) as missing:
-                await read_node(api, "ghost")
-            fake_api.forbid("nodes", "get")
-            with pytest.raises(PermissionDeniedError) as denied:
-                await read_node(api, "ghost")
-            return str(missing.value), str(denied.value)
-
-    missing, denied = fake_api.run(scenario(), timeout=TIMEOUT)
-    assert "ghost" in missing and "404" in missing
-    assert denied.startswith("RBAC: aproxy cannot get nodes at the cluster scope; grant get on nodes")
-
-
-def test_load_config_from_kubeconfig_with_master_override(fake_api: FakeApiServer, tmp_path: Path) -> None:
-    path = fake_api.write_kubeconfig(tmp_path / "kubeconfig", token="secret")
-
-    async def scenario() -> tuple[str, str, str, str]:
-        from_file = (await load_config(path, environ={})).configuration
-        from_env = (await load_config(None, environ={"KUBECONFIG": str(path)})).configuration
-        overridden = (await load_config(path, "https://api.example:6443/", environ={})).configuration
-        return str(from_file.host), from_file.api_key["BearerToken"], str(from_env.host), str(overridden.host)
-
-    host, token, env_host, overridden = fake_api.run(scenario(), timeout=TIMEOUT)
-    assert (host, env_host, overridden) == (fake_api.url, fake_api.url, "https://api.example:6443")
-    assert token == "Bearer secret"
-
-
-def test_load_config_in_a_pod_uses_the_service_account(fake_api: FakeApiServer, tmp_path: Path) -> None:
-    token, cert = tmp_path / "token", tmp_path / "ca.crt"
-    token.write_text("pod-token")
-    cert.write_text("-----BEGIN CERTIFICATE-----\n")
-    environ = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
-    kubeconfig = fake_api.write_kubeconfig(tmp_path / "kubeconfig")
-
-    async def scenario() -> tuple[str, str, str]:
-        pod = await load_config(environ=environ, token_file=token, cert_file=cert)
-        explicit = await load_config(kubeconfig, environ=environ, token_file=token, cert_file=cert)
-        return (
-            str(pod.configuration.host),
-            pod.configuration.api_key["BearerToken"],
-            str(explicit.configuration.host),
-        )
-
-    pod_host, pod_token, explicit_host = fake_api.run(scenario(), timeout=TIMEOUT)
-    assert (pod_host, pod_token) == ("https://10.96.0.1:443", "Bearer pod-token")
-    assert explicit_host == fake_api.url  # an explicit kubeconfig wins, even in a pod
-
-
-def test_load_config_without_any_configuration_is_a_clear_error(
-    fake_api: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_cancelling_the_source_closes_its_watches(
+    fake_api: FakeApiServer, sink: RecordingSink, source: KubernetesSource
 ) -> None:
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
-
-    async def scenario() -> str:
-        with pytest.raises(KubernetesConfigError) as caught:
-            await load_config(environ={}, token_file=tmp_path / "missing")
-        only_master = (
-            await load_config(None, "http://127.0.0.1:8001", environ={}, token_file=tmp_path / "x")
-        ).configuration
-        return f"{caught.value}|{only_master.host}"
-
-    message, host = fake_api.run(scenario(), timeout=TIMEOUT).split("|")
-    assert "no cluster configuration" in message
-    assert host == "http://127.0.0.1:8001"
-
-
-def test_cancelling_the_source_closes_its_watches(fake_api: FakeApiServer) -> None:
     create_service(fake_api, "a", ["10.244.1.1"])
-    sink = RecordingSink()
-    source = make_source(fake_api)
 
     async def scenario() -> None:
         async with running(source, sink):

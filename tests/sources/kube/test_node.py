@@ -1,4 +1,4 @@
-"""This node's eligibility: the pure decision, and ``KubernetesSource.watch_node`` against the fake API.
+"""This node's Node: the pure eligibility decision, ``fetch_node`` and ``watch_node`` against the fake API.
 
 The watch tests drive the real kubernetes-asyncio client over real HTTP, like the services/slices tests; a
 recorder stands in for the daemon's callback and keeps every ``on_change`` call, so a test can say exactly
@@ -16,33 +16,34 @@ from ipaddress import ip_address
 from typing import Any
 
 import pytest
+from kubernetes_asyncio.client import Configuration
 
-from aproxy.sources.kubernetes import (
+from aproxy.sources.kube.errors import NotFoundError, PermissionDeniedError
+from aproxy.sources.kube.node import (
     ELIGIBLE,
-    LABEL_SELECTOR,
     TO_BE_DELETED_TAINT,
-    KubernetesSource,
     NodeEligibility,
     NodeInfo,
-    _identity,
+    ThisNode,
+    fetch_node,
     node_eligibility,
     node_info,
+    watch_node,
 )
-from tests.fakeapi import fixtures
+from aproxy.sources.kube.resources import LABEL_SELECTOR, identity
+from aproxy.sources.kube.watch import KubernetesSource
 from tests.fakeapi.server import FakeApiServer
-from tests.sources.test_kubernetes_source import (
+from tests.sources.kube.helpers import (
     FAST,
+    FAST_LIMITS,
     TIMEOUT,
     RecordingSink,
     create_service,
     eventually,
-    make_source,
     queries,
     running,
     synced,
 )
-
-fake_api = fixtures.fake_api
 
 Obj = dict[str, Any]
 NODE = "node-a"
@@ -158,7 +159,88 @@ def test_node_info_carries_eligibility_with_addresses() -> None:
 def test_identity_of_cluster_scoped_and_namespaced_objects(
     obj: Obj, namespaced: bool, expected: object
 ) -> None:
-    assert _identity(obj, namespaced) == expected
+    assert identity(obj, namespaced) == expected
+
+
+# --- reading it once -----------------------------------------------------------------------------------
+
+
+def test_fetch_node_returns_its_addresses_and_zone(fake_api: FakeApiServer) -> None:
+    fake_api.create(
+        "nodes",
+        {
+            "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-1"}},
+            "status": {
+                "addresses": [
+                    {"type": "Hostname", "address": "node-a"},
+                    {"type": "InternalIP", "address": "192.0.2.10"},
+                    {"type": "InternalIP", "address": "2001:db8::10"},
+                    {"type": "ExternalIP", "address": "203.0.113.7"},
+                    {"type": "InternalDNS", "address": "node-a.internal"},
+                    {"type": "ExternalIP", "address": "not-an-ip"},
+                ]
+            },
+        },
+    )
+    fake_api.create("nodes", {"metadata": {"name": "bare"}})
+
+    async def scenario() -> tuple[NodeInfo, NodeInfo]:
+        configuration = fake_api.configuration()
+        return await fetch_node(configuration, "node-a"), await fetch_node(configuration, "bare")
+
+    node, bare = fake_api.run(scenario(), timeout=TIMEOUT)
+    assert node == NodeInfo(
+        addresses=(ip_address("192.0.2.10"), ip_address("2001:db8::10"), ip_address("203.0.113.7")),
+        zone="zone-1",
+    )
+    assert bare == NodeInfo(addresses=(), zone=None)
+
+
+def test_fetch_node_errors_name_the_problem(fake_api: FakeApiServer) -> None:
+    async def scenario() -> tuple[str, str]:
+        with pytest.raises(NotFoundError) as missing:
+            await fetch_node(fake_api.configuration(), "ghost")
+        fake_api.forbid("nodes", "get")
+        with pytest.raises(PermissionDeniedError) as denied:
+            await fetch_node(fake_api.configuration(), "ghost")
+        return str(missing.value), str(denied.value)
+
+    missing, denied = fake_api.run(scenario(), timeout=TIMEOUT)
+    assert "ghost" in missing and "404" in missing
+    assert denied.startswith("RBAC: aproxy cannot get nodes at the cluster scope; grant get on nodes")
+
+
+def test_fetch_node_with_a_policy_retries_until_it_can_read_the_node(
+    fake_api: FakeApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_api.create("nodes", node())
+    fake_api.fail_next(2, 500, verb="get", resource="nodes")
+
+    with caplog.at_level(logging.ERROR, logger="aproxy.sources.kube.node"):
+        info = fake_api.run(fetch_node(fake_api.configuration(), NODE, FAST), timeout=TIMEOUT)
+    assert info == NodeInfo(addresses=(ADDRESS,), zone=None)
+    assert fake_api.count("get", "nodes") == 3
+    retries = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert retries == ["cannot read this node from the API; retrying"] * 2
+
+
+def test_this_node_follows_eligibility_and_warns_when_watched_addresses_move(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    moved_to = ip_address("192.0.2.20")
+    watched = ThisNode(NODE, Configuration(), fixed_addresses=False)
+    fixed = ThisNode(NODE, Configuration(), fixed_addresses=True)  # --node-ip: the Node's do not matter
+    with caplog.at_level(logging.INFO, logger="aproxy.sources.kube.node"):
+        for this in (watched, fixed):
+            this.changed(NodeInfo((ADDRESS,), None))
+            this.changed(NodeInfo((moved_to,), None, TAINTED))
+            assert (this.eligible, this.reason) == (False, TAINTED.reason)
+            this.changed(None)
+            assert (this.eligible, this.reason) == (False, "gone (no Node object)")
+    transitions = [r.getMessage() for r in caplog.records if "eligible" in r.getMessage()]
+    assert transitions == ["this node is not eligible: /healthz answers 503"] * 4
+    moved = [r for r in caplog.records if "addresses changed" in r.getMessage()]
+    assert [(r.old, r.new) for r in moved] == [("192.0.2.10", "192.0.2.20")]
 
 
 # --- the watch ------------------------------------------------------------------------------------------
@@ -187,16 +269,30 @@ class Recorder:
         return [None if info is None else info.eligibility for info in self.seen]
 
 
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
 @contextlib.asynccontextmanager
 async def watching(source: KubernetesSource, recorder: Recorder, name: str = NODE) -> AsyncIterator[None]:
     """``watch_node`` runs for the block's duration; cancelled after, a crash surfaces here."""
-    task = asyncio.create_task(source.watch_node(name, recorder))
+    task = asyncio.create_task(watch_node(source, name, recorder))
     try:
         yield
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.asynccontextmanager
+async def watched(api: FakeApiServer, source: KubernetesSource, recorder: Recorder) -> AsyncIterator[None]:
+    """``watching``, with the block starting once the first report is in and the watch is open."""
+    async with watching(source, recorder):
+        await recorder.reports(1)
+        await api.wait_for_watches(1, "nodes")
+        yield
 
 
 def edit(api: FakeApiServer, change: Callable[[Obj], None], name: str = NODE) -> None:
@@ -225,17 +321,13 @@ def annotate(obj: Obj) -> None:
 
 
 def test_node_watch_follows_taint_removal_deletion_and_reports_each_change_once(
-    fake_api: FakeApiServer,
+    fake_api: FakeApiServer, source: KubernetesSource, recorder: Recorder
 ) -> None:
     fake_api.create("nodes", node())
     fake_api.create("nodes", node("node-b"))
-    source = make_source(fake_api)
-    recorder = Recorder()
 
     async def scenario() -> None:
-        async with watching(source, recorder):
-            await recorder.reports(1)
-            await fake_api.wait_for_watches(1, "nodes")
+        async with watched(fake_api, source, recorder):
             edit(fake_api, add_taint, "node-b")  # another node: not even sent (field selector)
             edit(fake_api, annotate)  # a new resourceVersion, nothing NodeInfo holds: not reported
             edit(fake_api, add_taint)
@@ -259,14 +351,12 @@ def test_node_watch_follows_taint_removal_deletion_and_reports_each_change_once(
         assert "labelSelector" not in request
 
 
-def test_missing_node_is_reported_as_none_until_it_appears(fake_api: FakeApiServer) -> None:
-    source = make_source(fake_api)
-    recorder = Recorder()
+def test_missing_node_is_reported_as_none_until_it_appears(
+    fake_api: FakeApiServer, source: KubernetesSource, recorder: Recorder
+) -> None:
 
     async def scenario() -> None:
-        async with watching(source, recorder):
-            await recorder.reports(1)
-            await fake_api.wait_for_watches(1, "nodes")
+        async with watched(fake_api, source, recorder):
             fake_api.create("nodes", node(taints=[taint(TO_BE_DELETED_TAINT)]))
             await recorder.reports(2)
 
@@ -283,16 +373,17 @@ def test_missing_node_is_reported_as_none_until_it_appears(fake_api: FakeApiServ
     ],
 )
 def test_expired_node_watch_relists_and_reports_what_changed_in_the_gap(
-    fake_api: FakeApiServer, expiry: str, gap: str, expected: NodeEligibility | None
+    fake_api: FakeApiServer,
+    source: KubernetesSource,
+    recorder: Recorder,
+    expiry: str,
+    gap: str,
+    expected: NodeEligibility | None,
 ) -> None:
     fake_api.create("nodes", node())
-    source = make_source(fake_api)
-    recorder = Recorder()
 
     async def scenario() -> None:
-        async with watching(source, recorder):
-            await recorder.reports(1)
-            await fake_api.wait_for_watches(1, "nodes")
+        async with watched(fake_api, source, recorder):
             await fake_api.go_down()
             if gap == "taint":
                 edit(fake_api, add_taint)
@@ -313,15 +404,13 @@ def test_expired_node_watch_relists_and_reports_what_changed_in_the_gap(
     assert len(lists) == 2 and all(q["fieldSelector"] == f"metadata.name={NODE}" for q in lists)
 
 
-def test_node_watch_resumes_from_a_bookmark_without_relisting(fake_api: FakeApiServer) -> None:
+def test_node_watch_resumes_from_a_bookmark_without_relisting(
+    fake_api: FakeApiServer, source: KubernetesSource, recorder: Recorder
+) -> None:
     fake_api.create("nodes", node())
-    source = make_source(fake_api)
-    recorder = Recorder()
 
     async def scenario() -> str:
-        async with watching(source, recorder):
-            await recorder.reports(1)
-            await fake_api.wait_for_watches(1, "nodes")
+        async with watched(fake_api, source, recorder):
             fake_api.create("nodes", node("node-b"))  # moves the global resourceVersion on, unseen here
             assert fake_api.bookmark_now() == 1
             bookmark = str(fake_api.current_rv)
@@ -340,12 +429,10 @@ def test_node_watch_resumes_from_a_bookmark_without_relisting(fake_api: FakeApiS
 
 
 def test_forbidden_node_watch_names_the_rbac_grant_and_recovers(
-    fake_api: FakeApiServer, caplog: pytest.LogCaptureFixture
+    fake_api: FakeApiServer, source: KubernetesSource, recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     fake_api.create("nodes", node())
     fake_api.forbid("nodes", "watch")
-    source = make_source(fake_api)
-    recorder = Recorder()
 
     async def scenario() -> None:
         async with watching(source, recorder):
@@ -355,7 +442,7 @@ def test_forbidden_node_watch_names_the_rbac_grant_and_recovers(
             edit(fake_api, add_taint)
             await recorder.until(lambda seen: len(seen) == 2)
 
-    with caplog.at_level(logging.ERROR, logger="aproxy.sources.kubernetes"):
+    with caplog.at_level(logging.ERROR, logger="aproxy.sources.kube.watch"):
         fake_api.run(scenario(), timeout=TIMEOUT)
     errors = [record.getMessage() for record in caplog.records if record.levelno == logging.ERROR]
     assert errors
@@ -368,16 +455,15 @@ def test_forbidden_node_watch_names_the_rbac_grant_and_recovers(
     # One list, then watches refused and retried from its resourceVersion: the node was reported once.
     assert recorder.eligibility() == [ELIGIBLE, TAINTED]
     assert source.relists_total == 0
-    assert source.last_retry_delay == FAST.permission_interval
+    assert source.last_retry_delay == FAST_LIMITS.permission_interval
 
 
-def test_services_and_slices_gate_does_not_wait_for_the_node(fake_api: FakeApiServer) -> None:
+def test_services_and_slices_gate_does_not_wait_for_the_node(
+    fake_api: FakeApiServer, source: KubernetesSource, recorder: Recorder, sink: RecordingSink
+) -> None:
     create_service(fake_api, "a", ["10.244.1.1"])
     fake_api.create("nodes", node())
     fake_api.forbid("nodes")
-    source = make_source(fake_api)
-    sink = RecordingSink()
-    recorder = Recorder()
 
     async def scenario() -> None:
         async with running(source, sink), watching(source, recorder):

@@ -1,34 +1,32 @@
-"""Renewing a kubeconfig's bearer token: kubernetes_asyncio's real loader, a real exec plugin (a Python
-script), and the fake API server enforcing which tokens it accepts. Waits are bounded by ``fake_api.run``."""
+"""Loading the cluster configuration, and renewing a kubeconfig's bearer token: kubernetes_asyncio's real
+loader, a real exec plugin (a Python script), and the fake API server enforcing which tokens it accepts. Waits
+are bounded by ``fake_api.run``."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from aproxy.sources.credentials import CredentialRenewal
-from aproxy.sources.kubernetes import ClusterConfig, KubernetesSource, load_config
-from tests.fakeapi import fixtures
+from aproxy.sources.kube.config import ClusterConfig, CredentialRenewal, load_config
+from aproxy.sources.kube.errors import KubernetesConfigError
+from aproxy.sources.kube.watch import KubernetesSource
 from tests.fakeapi.server import FakeApiServer
-from tests.sources.test_kubernetes_source import (
+from tests.sources.kube.helpers import (
     FAST,
+    TIMEOUT,
     RecordingSink,
     create_service,
+    eventually,
     key,
     reals,
-    running,
-    synced,
+    running_synced,
 )
 
-fake_api = fixtures.fake_api
-
-TIMEOUT = 20.0  # seconds: a bound against hanging, never an assertion
 EXEC_API = "client.authentication.k8s.io/v1beta1"
 
 # An exec credential plugin: prints the token held in the file named by its first argument, with an expiry
@@ -58,12 +56,6 @@ def exec_user(tmp_path: Path, token: Path) -> dict[str, Any]:
 
 def bearer(cluster: ClusterConfig) -> str:
     return str(cluster.configuration.api_key["BearerToken"])
-
-
-async def eventually(condition: Callable[[], bool]) -> None:
-    """Until ``condition()`` holds, checked every 10 ms: the renewal counters have no event to wait on."""
-    while not condition():  # noqa: ASYNC110
-        await asyncio.sleep(0.01)
 
 
 @pytest.mark.parametrize("kind", ["token-file", "exec-plugin"])
@@ -112,7 +104,7 @@ def test_a_failing_renewal_keeps_the_token_and_tries_again(
             task.cancel()
         return during, renewal.failures, bearer(cluster), renewal.renewals
 
-    with caplog.at_level(logging.ERROR, logger="aproxy.sources.credentials"):
+    with caplog.at_level(logging.ERROR, logger="aproxy.sources.kube.config"):
         during, failures, after, renewals = fake_api.run(scenario(), timeout=TIMEOUT)
     assert during == "Bearer one"
     assert failures >= 2
@@ -120,22 +112,22 @@ def test_a_failing_renewal_keeps_the_token_and_tries_again(
     assert any("login expired" in getattr(record, "error", "") for record in caplog.records)
 
 
-def test_the_source_follows_a_rotated_token_file(fake_api: FakeApiServer, tmp_path: Path) -> None:
+def test_the_source_follows_a_rotated_token_file(
+    fake_api: FakeApiServer, sink: RecordingSink, tmp_path: Path
+) -> None:
     token = tmp_path / "token"
     token.write_text("one")
     kubeconfig = fake_api.write_kubeconfig(tmp_path / "kubeconfig", user=token_file_user(token))
     fake_api.require_tokens("one")
     create_service(fake_api, "web", ["10.244.1.1"])
-    sink = RecordingSink()
 
     async def scenario() -> None:
         cluster = await load_config(kubeconfig, environ={}, renewal_interval=0.01)
         renewal = cluster.renewal
         assert isinstance(renewal, CredentialRenewal)
         source = KubernetesSource(cluster.configuration, retry=FAST)
-        async with running(source, sink), asyncio.TaskGroup() as group:
+        async with running_synced(fake_api, source, sink), asyncio.TaskGroup() as group:
             task = group.create_task(renewal.run())
-            await synced(fake_api, sink)
             token.write_text("two")  # the kubelet rotates the projected token
             await eventually(lambda: renewal.renewals == 1)
             fake_api.require_tokens("two")  # the old one has expired
@@ -166,3 +158,56 @@ def test_in_a_pod_there_is_no_renewal_task(fake_api: FakeApiServer, tmp_path: Pa
     # kubernetes_asyncio re-reads the service-account token itself (refresh_api_key_hook).
     assert cluster.renewal is None
     assert cluster.configuration.refresh_api_key_hook is not None
+
+
+def test_load_config_from_kubeconfig_with_master_override(fake_api: FakeApiServer, tmp_path: Path) -> None:
+    path = fake_api.write_kubeconfig(tmp_path / "kubeconfig", token="secret")
+
+    async def scenario() -> tuple[str, str, str, str]:
+        from_file = (await load_config(path, environ={})).configuration
+        from_env = (await load_config(None, environ={"KUBECONFIG": str(path)})).configuration
+        overridden = (await load_config(path, "https://api.example:6443/", environ={})).configuration
+        return str(from_file.host), from_file.api_key["BearerToken"], str(from_env.host), str(overridden.host)
+
+    host, token, env_host, overridden = fake_api.run(scenario(), timeout=TIMEOUT)
+    assert (host, env_host, overridden) == (fake_api.url, fake_api.url, "https://api.example:6443")
+    assert token == "Bearer secret"
+
+
+def test_load_config_in_a_pod_uses_the_service_account(fake_api: FakeApiServer, tmp_path: Path) -> None:
+    token, cert = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("pod-token")
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    environ = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    kubeconfig = fake_api.write_kubeconfig(tmp_path / "kubeconfig")
+
+    async def scenario() -> tuple[str, str, str]:
+        pod = await load_config(environ=environ, token_file=token, cert_file=cert)
+        explicit = await load_config(kubeconfig, environ=environ, token_file=token, cert_file=cert)
+        return (
+            str(pod.configuration.host),
+            pod.configuration.api_key["BearerToken"],
+            str(explicit.configuration.host),
+        )
+
+    pod_host, pod_token, explicit_host = fake_api.run(scenario(), timeout=TIMEOUT)
+    assert (pod_host, pod_token) == ("https://10.96.0.1:443", "Bearer pod-token")
+    assert explicit_host == fake_api.url  # an explicit kubeconfig wins, even in a pod
+
+
+def test_load_config_without_any_configuration_is_a_clear_error(
+    fake_api: FakeApiServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+
+    async def scenario() -> str:
+        with pytest.raises(KubernetesConfigError) as caught:
+            await load_config(environ={}, token_file=tmp_path / "missing")
+        only_master = (
+            await load_config(None, "http://127.0.0.1:8001", environ={}, token_file=tmp_path / "x")
+        ).configuration
+        return f"{caught.value}|{only_master.host}"
+
+    message, host = fake_api.run(scenario(), timeout=TIMEOUT).split("|")
+    assert "no cluster configuration" in message
+    assert host == "http://127.0.0.1:8001"
