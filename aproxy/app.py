@@ -55,7 +55,7 @@ from aproxy.metrics import DaemonMetrics, LoopStats
 from aproxy.sources.base import ListedKind, Source
 from aproxy.sources.file import FileSource
 from aproxy.syncer import Syncer, SyncReport
-from aproxy.web.health import decide
+from aproxy.web.healthz import decide
 from aproxy.web.server import Exposition, HealthSnapshot, ListenAddress, WebServer
 
 if TYPE_CHECKING:
