@@ -48,10 +48,16 @@ kernel-test: install
 bench: install
 	$(BIN)/python bench/core.py
 
-# Regenerate the lock file after changing pyproject.toml's pins.
+# Regenerate the lock file after changing pyproject.toml's pins. It carries pins and hashes only, resolved on
+# the public index: no pip configuration of the machine that runs this (config files, PIP_* index, find-links
+# and constraint variables) may add a package source to the resolution or write one into the file.
+LOCK_ENV := env -u PIP_INDEX_URL -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS -u PIP_NO_INDEX -u PIP_CONSTRAINT \
+    PIP_CONFIG_FILE=/dev/null
+
 lock:
-	$(BIN)/pip install -q pip-tools==7.6.2
-	$(BIN)/pip-compile -q --extra dev --generate-hashes --strip-extras -o requirements.lock pyproject.toml
+	$(LOCK_ENV) $(BIN)/pip install -q pip-tools==7.6.2
+	$(LOCK_ENV) $(BIN)/pip-compile -q --extra dev --generate-hashes --strip-extras --no-emit-index-url \
+		--no-emit-find-links -o requirements.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache

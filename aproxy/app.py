@@ -45,7 +45,7 @@ from aproxy.sources.base import ListedKind, Source
 from aproxy.sources.file import FileSource
 from aproxy.startup_gc import StartupCollection
 from aproxy.syncer import Syncer
-from aproxy.web.health import decide
+from aproxy.web.healthz import decide
 from aproxy.web.server import Exposition, HealthSnapshot, WebServer
 
 if TYPE_CHECKING:

@@ -79,6 +79,22 @@ def _add_node_options(parser: argparse.ArgumentParser, *, source_required: bool 
     )
 
 
+def _add_cluster_options(parser: argparse.ArgumentParser, *, kubeconfig_help: str) -> None:
+    """Where a live cluster is (``plan`` and ``run``; each explains --kubeconfig in its own terms)."""
+    parser.add_argument("--kubeconfig", type=Path, default=None, help=kubeconfig_help)
+    parser.add_argument("--master", default=None, help="API server URL, overriding the kubeconfig's")
+
+
+def _add_backend_option(parser: argparse.ArgumentParser, *, dry_run_table: str) -> None:
+    """The kernel or an in-memory table (``sync`` and ``run``, which say whether the table starts empty)."""
+    parser.add_argument(
+        "--backend",
+        choices=["ipvs", "dry-run"],
+        default="ipvs",
+        help=f"ipvs (default) programs the kernel; dry-run applies to {dry_run_table}",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aproxy", description="An incremental Kubernetes service proxy that programs Linux IPVS."
@@ -98,14 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_node_options(plan, source_required=False)
-    plan.add_argument(
-        "--kubeconfig",
-        type=Path,
-        default=None,
-        help="plan from a live cluster (instead of --source); without --node-ip, the addresses of the "
-        "Node --node-name are read from the API",
+    _add_cluster_options(
+        plan,
+        kubeconfig_help="plan from a live cluster (instead of --source); without --node-ip, the addresses of "
+        "the Node --node-name are read from the API",
     )
-    plan.add_argument("--master", default=None, help="API server URL, overriding the kubeconfig's")
     plan.add_argument("--output", choices=["json", "text"], default="json", help="json (default) or text")
     plan.set_defaults(handler=_plan)
 
@@ -121,12 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_node_options(sync)
     _add_kernel_options(sync)
-    sync.add_argument(
-        "--backend",
-        choices=["ipvs", "dry-run"],
-        default="ipvs",
-        help="ipvs (default) programs the kernel; dry-run applies to an empty in-memory table",
-    )
+    _add_backend_option(sync, dry_run_table="an empty in-memory table")
     sync.add_argument(
         "--output", choices=["json", "text"], default="text", help="text (default) or json lines"
     )
@@ -158,15 +166,9 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         ),
     )
     _add_node_options(run, source_required=False)
-    run.add_argument("--kubeconfig", type=Path, default=None, help="kubeconfig file (instead of --source)")
-    run.add_argument("--master", default=None, help="API server URL, overriding the kubeconfig's")
+    _add_cluster_options(run, kubeconfig_help="kubeconfig file (instead of --source)")
     _add_kernel_options(run)
-    run.add_argument(
-        "--backend",
-        choices=["ipvs", "dry-run"],
-        default="ipvs",
-        help="ipvs (default) programs the kernel; dry-run applies to an in-memory table",
-    )
+    _add_backend_option(run, dry_run_table="an in-memory table")
     periods = (
         ("--min-sync-period", defaults.min_sync_period, "shortest time between two syncs"),
         ("--sync-period", defaults.sync_period, "longest time without a sync; /healthz fails after twice it"),

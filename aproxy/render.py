@@ -1,4 +1,5 @@
-"""The desired state as people and scripts read it: design.md's JSON interface, or ipvsadm-like text."""
+"""The desired state as people and scripts read it: ``aproxy plan``'s JSON (the shape docs/interfaces.md
+promises) or ipvsadm-like text."""
 
 from __future__ import annotations
 

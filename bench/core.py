@@ -94,8 +94,8 @@ def build(count: int) -> tuple[ChangeTracker, float, float]:
     return tracker, intake, translation
 
 
-def one_change_costs(tracker: ChangeTracker, count: int, rounds: int = 400) -> tuple[float, float, int]:
-    """Median seconds of plan() alone, and of intake + translate + plan, for one endpoint added/removed."""
+def programmed(tracker: ChangeTracker) -> Planner:
+    """A planner whose applied state holds every service of ``tracker``, programmed from scratch."""
     states, _ = translate_all(
         [info for key in tracker.services() if (info := tracker.inputs(key)[0])],
         [s for key in tracker.services() for s in tracker.inputs(key)[1]],
@@ -104,6 +104,12 @@ def one_change_costs(tracker: ChangeTracker, count: int, rounds: int = 400) -> t
     planner = Planner()
     for op in planner.plan_full(states):
         planner.record(op)
+    return planner
+
+
+def one_change_costs(tracker: ChangeTracker, count: int, rounds: int = 400) -> tuple[float, float, int]:
+    """Median seconds of plan() alone, and of intake + translate + plan, for one endpoint added/removed."""
+    planner = programmed(tracker)
     tracker.take_dirty()
     target = ServiceKey("bench", f"svc-{count // 2}")
     plan_times, path_times, ops = [], [], 0
@@ -137,19 +143,12 @@ def rss_probe(count: int) -> None:
     (a watch streams them); the resident size afterwards is what aproxy keeps for that cluster.
     """
     tracker, _, _ = build(count)
-    states, _ = translate_all(
-        [info for key in tracker.services() if (info := tracker.inputs(key)[0])],
-        [s for key in tracker.services() for s in tracker.inputs(key)[1]],
-        CTX,
-    )
-    planner = Planner()
-    for op in planner.plan_full(states):
-        planner.record(op)
-    del states
+    planner = programmed(tracker)
     gc.collect()
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     current = pages * resource.getpagesize() / 2**20
     print(current, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    del tracker, planner  # the measured state: alive until measured
 
 
 def line(name: str, value: float, unit: str, target: float | None = None) -> None:

@@ -8,7 +8,8 @@ final objects yields.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from errno import EADDRNOTAVAIL, EEXIST, EIO, ENOENT, ESRCH
 from ipaddress import ip_address
 from typing import Any, TypeVar
@@ -49,18 +50,36 @@ def run(coroutine: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coroutine)
 
 
+def upsert(tracker: ChangeTracker, obj: dict[str, Any]) -> None:
+    (tracker.upsert_service if obj["kind"] == "Service" else tracker.upsert_slice)(obj)
+
+
 def listed_tracker(*objects: dict[str, Any]) -> ChangeTracker:
     tracker = ChangeTracker()
     for obj in objects:
-        (tracker.upsert_service if obj["kind"] == "Service" else tracker.upsert_slice)(obj)
+        upsert(tracker, obj)
     tracker.mark_listed("services")
     tracker.mark_listed("endpointslices")
     return tracker
 
 
+async def started(
+    *objects: dict[str, Any],
+    backend: MemoryBackend | None = None,
+    drain_clock: DrainClock | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[ChangeTracker, MemoryBackend, Syncer]:
+    """A Syncer started on ``objects`` (listed) over ``backend`` (a fresh memory backend by default)."""
+    tracker = listed_tracker(*objects)
+    backend = MemoryBackend() if backend is None else backend
+    syncer = Syncer(tracker, CTX, backend, drain_clock=drain_clock, clock=clock)
+    await syncer.start()
+    return tracker, backend, syncer
+
+
 def from_scratch(services: list[dict[str, Any]], slices: list[dict[str, Any]]) -> IPVSState:
     parsed_services = [info for raw in services if isinstance(info := parse_service(raw), ServiceInfo)]
-    parsed_slices = [info for raw in slices if isinstance(info := parse_slice(raw), SliceInfo)]
+    parsed_slices = [part for raw in slices if isinstance(part := parse_slice(raw), SliceInfo)]
     states, _ = translate_all(parsed_services, parsed_slices, CTX)
     return IPVSState.from_services(states.values())
 
@@ -145,10 +164,7 @@ events = st.lists(
 @given(events)
 def test_incremental_syncs_reach_the_from_scratch_state(steps: list[tuple[str, Any]]) -> None:
     async def scenario() -> None:
-        tracker = listed_tracker()
-        backend = MemoryBackend()
-        syncer = Syncer(tracker, CTX, backend, drain_clock=DrainClock(grace_period=0))
-        await syncer.start()
+        tracker, backend, syncer = await started(drain_clock=DrainClock(grace_period=0))
         services: dict[str, dict[str, Any]] = {}
         slices: dict[str, dict[str, Any]] = {}
         for version, (action, value) in enumerate(steps, start=1):
@@ -178,7 +194,7 @@ def test_incremental_syncs_reach_the_from_scratch_state(steps: list[tuple[str, A
         assert backend.dump_sync() == from_scratch(list(services.values()), list(slices.values()))
         # Replaying every object unchanged marks nothing dirty and costs nothing.
         for obj in [*services.values(), *slices.values()]:
-            (tracker.upsert_service if obj["kind"] == "Service" else tracker.upsert_slice)(obj)
+            upsert(tracker, obj)
         assert (await syncer.sync()).results == ()
 
     run(scenario())
@@ -256,10 +272,7 @@ def test_a_failed_service_is_retried_and_does_not_block_others() -> None:
 
 def test_an_unbind_waits_until_the_virtual_servers_on_its_address_are_gone() -> None:
     async def scenario() -> None:
-        tracker = listed_tracker(web(), web_slice("10.244.0.1"))
-        backend = MemoryBackend()
-        syncer = Syncer(tracker, CTX, backend)
-        await syncer.start()
+        tracker, backend, syncer = await started(web(), web_slice("10.244.0.1"))
         backend.inject_failure(lambda op: isinstance(op, DeleteVirtualServer), errno=EIO)
         tracker.delete_service("default", "web")
 
@@ -280,15 +293,25 @@ def test_an_unbind_waits_until_the_virtual_servers_on_its_address_are_gone() -> 
     run(scenario())
 
 
+async def removing_a_connected_endpoint(
+    connections: RealServerConnections, clock: Callable[[], float] = time.monotonic
+) -> tuple[ChangeTracker, MemoryBackend, Syncer]:
+    """web started on 10.244.0.1 and .2 (a 60 s grace period); .2 holds ``connections`` when its endpoint
+    leaves the tracker (not synced yet)."""
+    tracker, backend, syncer = await started(
+        web(), web_slice("10.244.0.1", "10.244.0.2"), drain_clock=DrainClock(grace_period=60), clock=clock
+    )
+    backend.connection_counts[(VIRTUAL, real("10.244.0.2"))] = connections
+    tracker.upsert_slice(web_slice("10.244.0.1", rv="2"))
+    return tracker, backend, syncer
+
+
 def test_a_removed_tcp_endpoint_drains_until_its_connections_end() -> None:
     async def scenario() -> None:
         now = [0.0]
-        tracker = listed_tracker(web(), web_slice("10.244.0.1", "10.244.0.2"))
-        backend = MemoryBackend()
-        syncer = Syncer(tracker, CTX, backend, drain_clock=DrainClock(grace_period=60), clock=lambda: now[0])
-        await syncer.start()
-        backend.connection_counts[(VIRTUAL, real("10.244.0.2"))] = RealServerConnections(active=1, inactive=0)
-        tracker.upsert_slice(web_slice("10.244.0.1", rv="2"))
+        _, backend, syncer = await removing_a_connected_endpoint(
+            RealServerConnections(active=1, inactive=0), clock=lambda: now[0]
+        )
 
         drained = await syncer.sync()
         assert [(r.operation.name, getattr(r.operation, "real", None)) for r in drained.results] == [
@@ -311,12 +334,9 @@ def test_a_removed_tcp_endpoint_drains_until_its_connections_end() -> None:
 def test_the_grace_period_ends_a_drain_that_never_empties() -> None:
     async def scenario() -> None:
         now = [0.0]
-        tracker = listed_tracker(web(), web_slice("10.244.0.1", "10.244.0.2"))
-        backend = MemoryBackend()
-        syncer = Syncer(tracker, CTX, backend, drain_clock=DrainClock(grace_period=60), clock=lambda: now[0])
-        await syncer.start()
-        backend.connection_counts[(VIRTUAL, real("10.244.0.2"))] = RealServerConnections(active=3, inactive=9)
-        tracker.upsert_slice(web_slice("10.244.0.1", rv="2"))
+        _, _, syncer = await removing_a_connected_endpoint(
+            RealServerConnections(active=3, inactive=9), clock=lambda: now[0]
+        )
         await syncer.sync()
         assert (await syncer.drain()).results == ()
 
@@ -330,12 +350,9 @@ def test_the_grace_period_ends_a_drain_that_never_empties() -> None:
 
 def test_an_endpoint_that_returns_during_its_drain_gets_its_weight_back() -> None:
     async def scenario() -> None:
-        tracker = listed_tracker(web(), web_slice("10.244.0.1", "10.244.0.2"))
-        backend = MemoryBackend()
-        syncer = Syncer(tracker, CTX, backend, drain_clock=DrainClock(grace_period=60))
-        await syncer.start()
-        backend.connection_counts[(VIRTUAL, real("10.244.0.2"))] = RealServerConnections(active=1, inactive=0)
-        tracker.upsert_slice(web_slice("10.244.0.1", rv="2"))
+        tracker, backend, syncer = await removing_a_connected_endpoint(
+            RealServerConnections(active=1, inactive=0)
+        )
         await syncer.sync()
 
         tracker.upsert_slice(web_slice("10.244.0.1", "10.244.0.2", rv="3"))
@@ -377,10 +394,7 @@ def test_a_udp_endpoint_is_deleted_at_once() -> None:
 
 def test_the_audit_repairs_what_someone_else_removed() -> None:
     async def scenario() -> None:
-        tracker = listed_tracker(web(), web_slice("10.244.0.1", "10.244.0.2"))
-        backend = MemoryBackend()
-        syncer = Syncer(tracker, CTX, backend)
-        await syncer.start()
+        _, backend, syncer = await started(web(), web_slice("10.244.0.1", "10.244.0.2"))
         expected = backend.dump_sync()
         backend.apply_sync([DeleteVirtualServer(VIRTUAL)])  # an operator's ipvsadm -D
 
@@ -407,11 +421,9 @@ class _Unreachable(MemoryBackend):
 
 def test_changes_taken_by_a_sync_that_could_not_reach_the_kernel_are_not_lost() -> None:
     async def scenario() -> None:
-        tracker = listed_tracker(web(), web_slice("10.244.0.1"))
         backend = _Unreachable()
         backend.down = False
-        syncer = Syncer(tracker, CTX, backend)
-        await syncer.start()
+        tracker, _, syncer = await started(web(), web_slice("10.244.0.1"), backend=backend)
         tracker.upsert_slice(web_slice("10.244.0.1", "10.244.0.2", rv="2"))
         backend.down = True
 
@@ -447,7 +459,7 @@ def move_to(tracker: ChangeTracker, start: list[dict[str, Any]], end: list[dict[
     """Upsert every object of ``end`` (those unchanged since ``start`` mark nothing dirty); delete the
     others of ``start``."""
     for obj in end:
-        (tracker.upsert_service if obj["kind"] == "Service" else tracker.upsert_slice)(obj)
+        upsert(tracker, obj)
     kept = {_identity(obj) for obj in end}
     for obj in start:
         if _identity(obj) not in kept:
@@ -514,10 +526,9 @@ def test_a_state_mismatch_reads_only_that_object_and_the_next_sync_converges(
     repairs: list[str],
 ) -> None:
     async def scenario() -> None:
-        tracker = listed_tracker(*start, *other_service())
-        backend = MemoryBackend()
-        syncer = Syncer(tracker, CTX, backend, drain_clock=DrainClock(grace_period=0))
-        await syncer.start()
+        tracker, backend, syncer = await started(
+            *start, *other_service(), drain_clock=DrainClock(grace_period=0)
+        )
         assert (backend.dumps, backend.reads) == (1, [])  # start adopts the kernel's state: one full dump
         assert all(result.ok for result in backend.apply_sync(behind_its_back))
         move_to(tracker, start, end)

@@ -15,7 +15,6 @@ from typing import ClassVar, TypeAlias
 IPAddress: TypeAlias = IPv4Address | IPv6Address
 
 # The schedulers the IPVS kernel module family provides (ip_vs_<name>); kube-router's and kube-proxy's set.
-SCHEDULER_FLAGS: frozenset[str] = frozenset({"flag-1", "flag-2", "flag-3"})
 SCHEDULERS: frozenset[str] = frozenset(
     {"rr", "wrr", "lc", "wlc", "lblc", "lblcr", "dh", "sh", "sed", "nq", "mh"}
 )

@@ -497,9 +497,6 @@ class Planner:
         """A copy of the applied state (O(size of the state))."""
         return self._applied.copy()
 
-    def desired_state(self, service: ServiceKey) -> ServiceState | None:
-        return self._desired.get(service)
-
     def owner_of(self, key: VirtualServerKey) -> ServiceKey | None:
         return self._owner.get(key)
 

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from errno import EADDRNOTAVAIL, EEXIST, ENOENT, ESRCH
 from types import MappingProxyType
-from typing import Any
 
 from aproxy.core.model import (
     AddRealServer,
@@ -22,7 +21,6 @@ from aproxy.core.model import (
     DeleteVirtualServer,
     IPAddress,
     Operation,
-    RealServer,
     RealServerKey,
     ServiceState,
     UnbindAddress,
@@ -30,7 +28,6 @@ from aproxy.core.model import (
     UpdateVirtualServer,
     VirtualServerKey,
     VirtualServerSpec,
-    address_sort_key,
 )
 
 
@@ -64,16 +61,14 @@ class _Virtual:
 class IPVSState:
     """Virtual servers (key -> spec, real servers with weights) and the addresses bound on the dummy device.
 
-    Equality compares only what the kernel holds; the optional ``service`` labels (``namespace/name:port``,
-    known when the state was built from services) are display data and do not take part.
+    Equality compares only what the kernel holds, in any order.
     """
 
-    __slots__ = ("_addresses", "_labels", "_virtual")
+    __slots__ = ("_addresses", "_virtual")
 
     def __init__(self) -> None:
         self._virtual: dict[VirtualServerKey, _Virtual] = {}
         self._addresses: set[IPAddress] = set()
-        self._labels: dict[VirtualServerKey, str] = {}
 
     # --- construction --------------------------------------------------------------------------------------
 
@@ -95,20 +90,13 @@ class IPVSState:
                 for real in virtual.real_servers:
                     reals.setdefault(real.key, real.weight)
                 state._virtual[virtual.key] = _Virtual(virtual.spec, reals)
-                state._labels[virtual.key] = virtual.port_name
         return state
 
     def copy(self) -> IPVSState:
         clone = IPVSState()
         clone._virtual = {key: _Virtual(v.spec, dict(v.reals)) for key, v in self._virtual.items()}
         clone._addresses = set(self._addresses)
-        clone._labels = dict(self._labels)
         return clone
-
-    def label(self, key: VirtualServerKey, port_name: str) -> None:
-        """Attach the ``namespace/name:port`` display label of an existing virtual server."""
-        if key in self._virtual:
-            self._labels[key] = port_name
 
     # --- mutation ------------------------------------------------------------------------------------------
 
@@ -125,7 +113,6 @@ class IPVSState:
                 self._need_virtual(key)
                 # The kernel drops a virtual server together with its real servers.
                 del self._virtual[key]
-                self._labels.pop(key, None)
             case AddRealServer(virtual=key, real=real):
                 reals = self._need_virtual(key).reals
                 if real.key in reals:
@@ -161,7 +148,6 @@ class IPVSState:
                     existing.spec = spec
             case DeleteVirtualServer(key=key):
                 self._virtual.pop(key, None)
-                self._labels.pop(key, None)
             case AddRealServer(virtual=key, real=real) | UpdateRealServer(virtual=key, real=real):
                 self._virtual.setdefault(key, _Virtual(VirtualServerSpec())).reals[real.key] = real.weight
             case DeleteRealServer(virtual=key, real=real_key):
@@ -182,7 +168,6 @@ class IPVSState:
         """Overwrite one virtual server (``spec`` None: remove it): reconciling with a kernel read."""
         if spec is None:
             self._virtual.pop(key, None)
-            self._labels.pop(key, None)
         else:
             self._virtual[key] = _Virtual(spec, dict(reals or {}))
 
@@ -234,9 +219,6 @@ class IPVSState:
         """The bound addresses (a copy: O(number of addresses))."""
         return frozenset(self._addresses)
 
-    def label_of(self, key: VirtualServerKey) -> str | None:
-        return self._labels.get(key)
-
     def __len__(self) -> int:
         """Number of virtual servers."""
         return len(self._virtual)
@@ -265,49 +247,3 @@ class IPVSState:
             f"IPVSState({len(self._virtual)} virtual servers, {self.real_server_count()} real servers, "
             f"{len(self._addresses)} addresses)"
         )
-
-    # --- output --------------------------------------------------------------------------------------------
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """The documented ``aproxy plan --output json`` shape, sorted; ``service`` only where it is known.
-
-        ``flags`` appears only on a virtual server that has scheduler flags (the documented shape has none).
-        """
-        virtual_servers = [
-            self._virtual_json(key, self._virtual[key]) for key in sorted(self._virtual, key=_vs_sort_key)
-        ]
-        return {
-            "addresses": [str(a) for a in sorted(self._addresses, key=address_sort_key)],
-            "virtual_servers": virtual_servers,
-        }
-
-    def _virtual_json(self, key: VirtualServerKey, virtual: _Virtual) -> dict[str, Any]:
-        entry: dict[str, Any] = {
-            "protocol": key.protocol.value,
-            "address": str(key.address),
-            "port": key.port,
-            "scheduler": virtual.spec.scheduler,
-            "persistence_timeout": virtual.spec.persistence_timeout,
-        }
-        if virtual.spec.flags:
-            entry["flags"] = sorted(virtual.spec.flags)
-        label = self._labels.get(key)
-        if label is not None:
-            entry["service"] = label
-        entry["real_servers"] = [
-            {"address": str(real_key.address), "port": real_key.port, "weight": weight}
-            for real_key, weight in sorted(virtual.reals.items(), key=lambda item: item[0].sort_key())
-        ]
-        return entry
-
-    def real_server_list(self, key: VirtualServerKey) -> list[RealServer]:
-        """One virtual server's real servers as values, sorted by (address, port)."""
-        reals = self.real_servers(key)
-        return [
-            RealServer(real_key.address, real_key.port, weight)
-            for real_key, weight in sorted(reals.items(), key=lambda item: item[0].sort_key())
-        ]
-
-
-def _vs_sort_key(key: VirtualServerKey) -> tuple[str, int, int, int]:
-    return key.sort_key()

@@ -2,8 +2,8 @@
 
 - healthz address (kube-proxy's default ``0.0.0.0:10256``): ``/healthz``, ``/livez``, ``/readyz``. The first
   two answer kube-proxy's JSON (``lastUpdated``, ``currentTime``, ``nodeEligible``) with 200 or 503; the
-  decision is ``aproxy.web.health.decide`` (``/healthz`` also fails while the node is not eligible, ``/livez``
-  does not).
+  decision is ``aproxy.web.healthz.decide`` (``/healthz`` also fails while the node is not eligible,
+  ``/livez`` does not).
 - metrics address (``127.0.0.1:10249``): ``/metrics``, the exposition the daemon hands in.
 
 The server knows nothing of the sync loop: it calls two functions the composition root gives it, on the event
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import orjson
 from aiohttp import web
 
-from aproxy.web.health import Health, health_body
+from aproxy.web.healthz import Health, health_body
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,7 @@
-"""IPVSState: the kernel's rules for each operation, from_services, equality and the JSON shape."""
+"""IPVSState: the kernel's rules for each operation, from_services, equality and differences."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from errno import EADDRNOTAVAIL, EEXIST, ENOENT, ESRCH
 from ipaddress import ip_address
@@ -122,7 +121,6 @@ def test_readers() -> None:
     assert list(state.virtual_keys()) == [WEB]
     assert state.addresses() == frozenset({VIP})
     assert len(state) == 1 and state.real_server_count() == 1
-    assert state.real_server_list(WEB) == [POD]
 
 
 def test_from_services_equals_programming_them_operation_by_operation() -> None:
@@ -145,7 +143,7 @@ def test_from_services_first_claimant_keeps_a_contested_key() -> None:
         [ServiceState(ServiceKey("a", "first"), (first,)), ServiceState(ServiceKey("b", "second"), (second,))]
     )
     assert state.spec(WEB) == RR
-    assert state.label_of(WEB) == "a/first"
+    assert dict(state.real_servers(WEB)) == {POD.key: 1}
 
 
 def test_equality_compares_kernel_content_not_labels_or_order() -> None:
@@ -192,91 +190,6 @@ def test_replace_virtual_and_set_bound_overwrite() -> None:
     assert state == state_with(
         AddVirtualServer(WEB, WRR), AddRealServer(WEB, RealServer(POD.address, POD.port, 3))
     )
-
-
-def test_to_json_dict_shape_and_order() -> None:
-    v6 = ip_address("fd00:0:0::a")
-    services = [
-        ServiceState(
-            ServiceKey("kube-system", "kube-dns"),
-            (
-                VirtualServer(
-                    VirtualServerKey(L4Protocol.TCP, ip_address("10.96.0.10"), 53),
-                    RR,
-                    "kube-system/kube-dns:dns-tcp",
-                    (RealServer(ip_address("10.244.1.10"), 53), RealServer(ip_address("10.244.1.9"), 53)),
-                ),
-            ),
-            frozenset({ip_address("10.96.0.10"), ip_address("10.96.0.9")}),
-        ),
-        ServiceState(
-            ServiceKey("default", "v6"),
-            (
-                VirtualServer(
-                    VirtualServerKey(L4Protocol.TCP, v6, 80),
-                    VirtualServerSpec("sh", 10800, frozenset({"sh-port", "sh-fallback"})),
-                    "default/v6",
-                ),
-                VirtualServer(
-                    VirtualServerKey(L4Protocol.UDP, ip_address("10.96.0.9"), 53), RR, "default/v6:u"
-                ),
-            ),
-            frozenset({v6}),
-        ),
-    ]
-    document = IPVSState.from_services(services).to_json_dict()
-    assert document == {
-        "addresses": ["10.96.0.9", "10.96.0.10", "fd00::a"],
-        "virtual_servers": [
-            {
-                "protocol": "TCP",
-                "address": "10.96.0.10",
-                "port": 53,
-                "scheduler": "rr",
-                "persistence_timeout": 0,
-                "service": "kube-system/kube-dns:dns-tcp",
-                "real_servers": [
-                    {"address": "10.244.1.9", "port": 53, "weight": 1},
-                    {"address": "10.244.1.10", "port": 53, "weight": 1},
-                ],
-            },
-            {
-                "protocol": "TCP",
-                "address": "fd00::a",
-                "port": 80,
-                "scheduler": "sh",
-                "persistence_timeout": 10800,
-                "flags": ["sh-fallback", "sh-port"],
-                "service": "default/v6",
-                "real_servers": [],
-            },
-            {
-                "protocol": "UDP",
-                "address": "10.96.0.9",
-                "port": 53,
-                "scheduler": "rr",
-                "persistence_timeout": 0,
-                "service": "default/v6:u",
-                "real_servers": [],
-            },
-        ],
-    }
-    assert list(document["virtual_servers"][0]) == [
-        "protocol",
-        "address",
-        "port",
-        "scheduler",
-        "persistence_timeout",
-        "service",
-        "real_servers",
-    ]
-    json.dumps(document)  # plain JSON types only
-
-
-def test_to_json_dict_without_labels_has_no_service_field() -> None:
-    document = state_with(*BASE).to_json_dict()
-    assert "service" not in document["virtual_servers"][0]
-    assert document["addresses"] == ["10.96.0.10"]
 
 
 def test_differences_names_the_disagreeing_virtual_servers_and_addresses() -> None:

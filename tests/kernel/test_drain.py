@@ -12,15 +12,11 @@ Every kernel check reads IPVS with ipvsadm (netlab's parser), never through the 
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import pytest
 
@@ -94,9 +90,10 @@ class FakeClock:
 class Aproxy:
     """One Syncer over one IPVSBackend on a private event loop, so the test body stays synchronous."""
 
-    def __init__(self, runner: asyncio.Runner, syncer: Syncer) -> None:
+    def __init__(self, runner: asyncio.Runner, syncer: Syncer, tracker: ChangeTracker) -> None:
         self._runner = runner
         self._syncer = syncer
+        self._tracker = tracker
 
     def start(self) -> SyncReport:
         return self._runner.run(self._syncer.start())
@@ -107,6 +104,11 @@ class Aproxy:
     def drain(self) -> SyncReport:
         return self._runner.run(self._syncer.drain())
 
+    def set_endpoints(self, *pods: Namespace) -> SyncReport:
+        """The cluster's web endpoints become ``pods``; one sync."""
+        self._tracker.upsert_slice(web_slice(*pods))
+        return self.sync()
+
 
 @contextmanager
 def running_aproxy(tracker: ChangeTracker, settings: IPVSSettings, clock: FakeClock) -> Iterator[Aproxy]:
@@ -115,9 +117,18 @@ def running_aproxy(tracker: ChangeTracker, settings: IPVSSettings, clock: FakeCl
         backend = runner.run(IPVSBackend(settings).__aenter__())
         try:
             drain_clock = DrainClock(grace_period=GRACE_PERIOD)
-            yield Aproxy(runner, Syncer(tracker, CTX, backend, drain_clock=drain_clock, clock=clock))
+            syncer = Syncer(tracker, CTX, backend, drain_clock=drain_clock, clock=clock)
+            yield Aproxy(runner, syncer, tracker)
         finally:
             runner.run(backend.__aexit__(None, None, None))
+
+
+@contextmanager
+def started(scene: Scene, settings: IPVSSettings, clock: FakeClock) -> Iterator[Aproxy]:
+    """``running_aproxy`` started on a cluster where both pods are web's endpoints."""
+    with running_aproxy(tracker_with(scene.pod_a, scene.pod_b), settings, clock) as aproxy:
+        assert aproxy.start().ok
+        yield aproxy
 
 
 # --- the cluster --------------------------------------------------------------------------------------------
@@ -141,11 +152,6 @@ def tracker_with(*pods: Namespace) -> ChangeTracker:
     return tracker
 
 
-def set_endpoints(aproxy: Aproxy, tracker: ChangeTracker, *pods: Namespace) -> SyncReport:
-    tracker.upsert_slice(web_slice(*pods))
-    return aproxy.sync()
-
-
 def real_key(pod: Namespace) -> RealServerKey:
     return RealServerKey(pod.address, TARGET_PORT)
 
@@ -157,69 +163,12 @@ def operations(report: SyncReport) -> list[Operation]:
 # --- traffic and the kernel's view of it --------------------------------------------------------------------
 
 
-class Held:
-    """A held TCP connection through the virtual IP that can be closed (FIN) or reset (RST).
-
-    IPVS keeps a closed connection's entry in TIME_WAIT for two minutes, counted as inactive; a reset one
-    only 10 s (CLOSE). Reset is how a test reaches "no connection left" within its time.
-    """
-
-    def __init__(self, sock: socket.socket, connection: netlab.HeldConnection) -> None:
-        self._sock = sock
-        self._connection = connection
-
-    @property
-    def backend(self) -> str:
-        return self._connection.backend
-
-    def exchange(self) -> netlab.Reply:
-        return self._connection.exchange()
-
-    def close(self) -> None:
-        self._connection.close()
-
-    def reset(self) -> None:
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self._connection.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-def _read_line(sock: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            raise netlab.NoReply(f"connection closed after {data!r}")
-        data += chunk
-    return data
-
-
-def connect(client: Namespace) -> Held:
-    target = netlab.endpoint_text(SERVICE_ADDRESS, PORT)
-    sock = netlab.open_socket(client.netns, socket.AF_INET, socket.SOCK_STREAM)
-    sock.settimeout(TIMEOUT)
-    try:
-        sock.connect((str(SERVICE_ADDRESS), PORT))
-        first = netlab.Reply.parse(_read_line(sock))
-    except (OSError, netlab.NoReply):
-        sock.close()
-        raise
-    return Held(sock, netlab.HeldConnection(sock, first, target))
-
-
-def hold_on(pod: Namespace, client: Namespace) -> Held:
+def hold_on(pod: Namespace, client: Namespace) -> netlab.HeldConnection:
     """Open connections through the virtual IP until one lands on ``pod``; close the others."""
-    others: list[Held] = []
+    others: list[netlab.HeldConnection] = []
     try:
         for _ in range(HOLD_ATTEMPTS):
-            held = connect(client)
+            held = netlab.hold(SERVICE_ADDRESS, PORT, netns=client.netns, timeout=TIMEOUT)
             if held.backend == pod.name:
                 return held
             others.append(held)
@@ -252,6 +201,13 @@ def fresh_backends(scene: Scene, count: int = 4) -> set[str]:
     return set(netlab.backends(replies))
 
 
+def assert_pod_b_deleted(report: SyncReport, scene: Scene) -> None:
+    """The drain ended in pod-b's delete, and pod-a is all the kernel has left."""
+    assert operations(report) == [DeleteRealServer(VIRTUAL, real_key(scene.pod_b))]
+    assert report.ok
+    assert kernel_weights() == {real_key(scene.pod_a): 1}
+
+
 # --- the tests ----------------------------------------------------------------------------------------------
 
 
@@ -259,19 +215,16 @@ def test_a_removed_endpoint_drains_while_its_connection_lives_and_is_deleted_onc
     scene: Scene, settings: IPVSSettings
 ) -> None:
     clock = FakeClock()
-    tracker = tracker_with(scene.pod_a, scene.pod_b)
-    with running_aproxy(tracker, settings, clock) as aproxy:
-        assert aproxy.start().ok
-        with hold_on(scene.pod_b, scene.client) as held:
-            removal = set_endpoints(aproxy, tracker, scene.pod_a)
-            draining = real_entry(scene.pod_b)
-            fresh = netlab.tcp_replies(SERVICE_ADDRESS, PORT, 6, netns=scene.client.netns)
-            still = held.exchange()
-            while_open = aproxy.drain()
-            kept = real_entry(scene.pod_b)
-            held.reset()
-            wait_for_counts(scene.pod_b, active=0, inactive=0, timeout=RESET_EXPIRY_TIMEOUT)
-            once_gone = aproxy.drain()  # the fake clock never moved: no connection left ends this drain
+    with started(scene, settings, clock) as aproxy, hold_on(scene.pod_b, scene.client) as held:
+        removal = aproxy.set_endpoints(scene.pod_a)
+        draining = real_entry(scene.pod_b)
+        fresh = netlab.tcp_replies(SERVICE_ADDRESS, PORT, 6, netns=scene.client.netns)
+        still = held.exchange()
+        while_open = aproxy.drain()
+        kept = real_entry(scene.pod_b)
+        held.reset()
+        wait_for_counts(scene.pod_b, active=0, inactive=0, timeout=RESET_EXPIRY_TIMEOUT)
+        once_gone = aproxy.drain()  # the fake clock never moved: no connection left ends this drain
 
     assert operations(removal) == [UpdateRealServer(VIRTUAL, RealServer(scene.pod_b.address, TARGET_PORT, 0))]
     assert removal.ok
@@ -280,20 +233,16 @@ def test_a_removed_endpoint_drains_while_its_connection_lives_and_is_deleted_onc
     assert still == netlab.Reply(scene.pod_b.name, scene.client.address)
     assert while_open.results == ()
     assert (kept.weight, kept.active) == (0, 1)
-    assert operations(once_gone) == [DeleteRealServer(VIRTUAL, real_key(scene.pod_b))]
-    assert once_gone.ok
-    assert kernel_weights() == {real_key(scene.pod_a): 1}
+    assert_pod_b_deleted(once_gone, scene)
 
 
 def test_a_drain_ends_at_the_grace_period_while_a_closed_connection_lingers_in_time_wait(
     scene: Scene, settings: IPVSSettings
 ) -> None:
     clock = FakeClock()
-    tracker = tracker_with(scene.pod_a, scene.pod_b)
-    with running_aproxy(tracker, settings, clock) as aproxy:
-        assert aproxy.start().ok
+    with started(scene, settings, clock) as aproxy:
         with hold_on(scene.pod_b, scene.client):
-            removal = set_endpoints(aproxy, tracker, scene.pod_a)
+            removal = aproxy.set_endpoints(scene.pod_a)
         lingering = wait_for_counts(scene.pod_b, active=0, inactive=1, timeout=SETTLE_TIMEOUT)
         first_look = aproxy.drain()  # the grace period starts at the first look
         clock.advance(GRACE_PERIOD - 1)
@@ -303,22 +252,18 @@ def test_a_drain_ends_at_the_grace_period_while_a_closed_connection_lingers_in_t
 
     assert removal.ok and lingering.weight == 0
     assert first_look.results == () and before_grace.results == ()
-    assert operations(at_grace) == [DeleteRealServer(VIRTUAL, real_key(scene.pod_b))]
-    assert at_grace.ok
-    assert kernel_weights() == {real_key(scene.pod_a): 1}
+    assert_pod_b_deleted(at_grace, scene)
 
 
 def test_an_endpoint_that_returns_during_its_drain_gets_its_weight_back(
     scene: Scene, settings: IPVSSettings
 ) -> None:
     clock = FakeClock()
-    tracker = tracker_with(scene.pod_a, scene.pod_b)
-    with running_aproxy(tracker, settings, clock) as aproxy:
-        assert aproxy.start().ok
+    with started(scene, settings, clock) as aproxy:
         with hold_on(scene.pod_b, scene.client) as held:
-            removal = set_endpoints(aproxy, tracker, scene.pod_a)
+            removal = aproxy.set_endpoints(scene.pod_a)
             while_draining = aproxy.drain()
-            back = set_endpoints(aproxy, tracker, scene.pod_a, scene.pod_b)
+            back = aproxy.set_endpoints(scene.pod_a, scene.pod_b)
             clock.advance(2 * GRACE_PERIOD)
             past_grace = aproxy.drain()
             still = held.exchange()
@@ -336,13 +281,11 @@ def test_an_endpoint_that_returns_during_its_drain_gets_its_weight_back(
 def test_a_restart_during_a_drain_keeps_the_drained_server_at_zero_until_a_drain_deletes_it(
     scene: Scene, settings: IPVSSettings
 ) -> None:
-    tracker = tracker_with(scene.pod_a, scene.pod_b)
     clock = FakeClock()
     with ExitStack() as stack:
-        with running_aproxy(tracker, settings, FakeClock()) as before_restart:
-            assert before_restart.start().ok
+        with started(scene, settings, FakeClock()) as before_restart:
             held = stack.enter_context(hold_on(scene.pod_b, scene.client))
-            assert set_endpoints(before_restart, tracker, scene.pod_a).ok
+            assert before_restart.set_endpoints(scene.pod_a).ok
         # The restarted aproxy lists the cluster again: pod-b is gone from it.
         with running_aproxy(tracker_with(scene.pod_a), settings, clock) as after_restart:
             restarted = after_restart.start()
@@ -358,18 +301,14 @@ def test_a_restart_during_a_drain_keeps_the_drained_server_at_zero_until_a_drain
     assert (at_restart.weight, at_restart.active) == (0, 1)
     assert still.backend == scene.pod_b.name
     assert first_look.results == ()
-    assert operations(at_grace) == [DeleteRealServer(VIRTUAL, real_key(scene.pod_b))]
-    assert at_grace.ok
-    assert kernel_weights() == {real_key(scene.pod_a): 1}
+    assert_pod_b_deleted(at_grace, scene)
 
 
 def test_start_restores_a_desired_real_server_left_at_weight_zero_by_an_interrupted_drain(
     scene: Scene, settings: IPVSSettings
 ) -> None:
-    tracker = tracker_with(scene.pod_a, scene.pod_b)
-    with running_aproxy(tracker, settings, FakeClock()) as before_restart:
-        assert before_restart.start().ok
-        assert set_endpoints(before_restart, tracker, scene.pod_a).ok
+    with started(scene, settings, FakeClock()) as before_restart:
+        assert before_restart.set_endpoints(scene.pod_a).ok
     left_behind = kernel_weights()
     # pod-b's endpoint came back while aproxy was down.
     with running_aproxy(tracker_with(scene.pod_a, scene.pod_b), settings, FakeClock()) as after_restart:

@@ -6,7 +6,7 @@ from datetime import datetime
 
 import pytest
 
-from aproxy.web.health import Health, decide, health_body, rfc3339
+from aproxy.web.healthz import Health, decide, health_body, rfc3339
 from aproxy.web.server import ListenAddress, ListenAddressError
 
 PERIOD = 30.0  # sync_period: stale after 60 s
