@@ -256,9 +256,18 @@ def _protocol(obj: Mapping[str, Any], path: str) -> L4Protocol:
     return protocol
 
 
+# JSON's names for the types a port number is not (YAML's quoted "80" arrives as a str).
+_JSON_TYPES = {str: "a string", bool: "a boolean", float: "a float", type(None): "null"}
+
+
 def _port_number(obj: Mapping[str, Any], key: str, path: str) -> int:
     value = obj.get(key)
-    if not _is_int(value) or not 1 <= value <= MAX_PORT:
+    if not _is_int(value):
+        got = _JSON_TYPES.get(type(value), "an object or a list")
+        raise _Invalid(
+            f"invalid {key} {_show(value)} in {path} (must be an integer 1..{MAX_PORT}, got {got})"
+        )
+    if not 1 <= value <= MAX_PORT:
         raise _Invalid(f"invalid {key} {_show(value)} in {path} (must be 1..{MAX_PORT})")
     return value
 

@@ -34,6 +34,14 @@ the file (``aproxy plan`` prints it and exits 2)::
     FILE: document N: expected a mapping or a list at the top level, got str
     FILE: document N: items[2] is int, expected a mapping
     FILE: document N: items of ServiceList is str, expected a list
+    FILE: nested deeper than 100 levels
+    FILE: expands to more than 4,000,000 nodes (YAML aliases included)
+    FILE: the YAML alias *NAME is inside the node it refers to
+
+Hostile input is bounded before it is built: a YAML file's event stream is read once (libyaml's parser keeps
+its own stack, so this is safe at any depth) to check its nesting depth and the number of nodes it expands to
+with its aliases counted at full size, and only then composed (the composer recurses in C: 50,000 levels
+crash the process). JSON deeper than the interpreter's recursion limit is a ManifestError too.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.events import AliasEvent, CollectionEndEvent, CollectionStartEvent, ScalarEvent
 
 _Loader: type[yaml.SafeLoader] | type[yaml.CSafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -54,6 +63,11 @@ MANIFEST_SUFFIXES = frozenset({".yaml", ".yml", ".json"})
 DEFAULT_NAMESPACE = "default"
 # Lists inside Lists are legal but rare; the bound stops a self-referencing YAML alias from recursing forever.
 _MAX_LIST_DEPTH = 8
+# A Service or EndpointSlice is at most about 8 levels deep, 20 inside nested Lists: 100 is far from both, and
+# far from the C stack. 4,000,000 nodes is about three times a manifest of 10,000 services with 10 endpoints
+# each; an alias bomb passes it within a few hundred bytes of input and is refused while being counted.
+MAX_DEPTH = 100
+MAX_NODES = 4_000_000
 
 
 class ManifestError(Exception):
@@ -127,7 +141,10 @@ def _documents(path: Path, text: str) -> list[Any]:
             raise ManifestError(
                 f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
             ) from exc
+        except RecursionError as exc:
+            raise ManifestError(f"{path}: nested too deeply") from exc
     try:
+        _check_yaml_shape(path, text)
         return list(yaml.load_all(text, Loader=_Loader))
     except yaml.MarkedYAMLError as exc:
         problem = _one_line(exc.problem or str(exc))
@@ -136,6 +153,34 @@ def _documents(path: Path, text: str) -> list[Any]:
         raise ManifestError(f"{path}: invalid YAML{where}: {problem}") from exc
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: invalid YAML: {_one_line(str(exc))}") from exc
+
+
+def _check_yaml_shape(path: Path, text: str) -> None:
+    """Refuse YAML nested deeper than MAX_DEPTH, expanding to more than MAX_NODES nodes, or holding an alias
+    inside the node it names (a cycle: no Kubernetes object is one), from the parser's events alone."""
+    expanded = 0  # nodes so far, every alias counted as the whole node it names
+    sizes: dict[str, int] = {}  # anchor -> the expanded size of its node, once the node is complete
+    open_collections: list[tuple[str | None, int]] = []  # (anchor, ``expanded`` at its start)
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, CollectionStartEvent):
+            if len(open_collections) >= MAX_DEPTH:
+                raise ManifestError(f"{path}: nested deeper than {MAX_DEPTH} levels")
+            open_collections.append((event.anchor, expanded))
+            expanded += 1
+        elif isinstance(event, CollectionEndEvent):
+            anchor, start = open_collections.pop()
+            if anchor is not None:
+                sizes[anchor] = expanded - start
+        elif isinstance(event, ScalarEvent):
+            expanded += 1
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in open_collections):
+                raise ManifestError(f"{path}: the YAML alias *{event.anchor} is inside the node it refers to")
+            expanded += sizes.get(event.anchor or "", 1)  # an unknown anchor: the composer names the error
+        if expanded > MAX_NODES:
+            raise ManifestError(f"{path}: expands to more than {MAX_NODES:,} nodes (YAML aliases included)")
 
 
 def _one_line(text: str) -> str:

@@ -223,12 +223,24 @@ def test_service_resource_version_is_kept_but_not_compared() -> None:
             service(ports=[port(port=65536)]), "invalid port 65536 in spec.ports[0]", id="port-too-big"
         ),
         pytest.param(
-            service(ports=[port(port="80")]), 'invalid port "80" in spec.ports[0]', id="port-not-int"
+            service(ports=[port(port="80")]),
+            'invalid port "80" in spec.ports[0] (must be an integer 1..65535, got a string)',
+            id="port-not-int",
         ),
-        pytest.param(service(ports=[port(port=True)]), "invalid port True in spec.ports[0]", id="port-bool"),
-        pytest.param(service(ports=[port(port=80.0)]), "invalid port 80.0 in spec.ports[0]", id="port-float"),
         pytest.param(
-            service(ports=[{"name": "http"}]), "invalid port None in spec.ports[0]", id="port-missing"
+            service(ports=[port(port=True)]),
+            "invalid port True in spec.ports[0] (must be an integer 1..65535, got a boolean)",
+            id="port-bool",
+        ),
+        pytest.param(
+            service(ports=[port(port=80.0)]),
+            "invalid port 80.0 in spec.ports[0] (must be an integer 1..65535, got a float)",
+            id="port-float",
+        ),
+        pytest.param(
+            service(ports=[{"name": "http"}]),
+            "invalid port None in spec.ports[0] (must be an integer 1..65535, got null)",
+            id="port-missing",
         ),
         pytest.param(
             service(type_="NodePort", ports=[port(node_port=70000)]),

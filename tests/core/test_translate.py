@@ -668,3 +668,29 @@ def test_example_cluster_translates_cleanly() -> None:
     specs = {key.name: {vs.spec for vs in state.virtual_servers} for key, state in states.items()}
     assert specs["web"] == {VirtualServerSpec("rr", 3600)}
     assert specs["prometheus"] == {VirtualServerSpec("wrr", 0)}
+
+
+@pytest.mark.parametrize("ports", [3, 40])  # below and above the count where slice ports are indexed
+def test_many_ports_match_slice_ports_by_name_protocol_and_family(ports: int) -> None:
+    # Slice ports in another order than the service's, a UDP twin with the same name, a second slice that
+    # repeats some names, an IPv6 slice for an IPv4-only service and an FQDN slice: only (name, protocol,
+    # family) matches count, each slice in name order, whether the lookup scans or uses the index.
+    names = [f"p{i}" for i in range(ports)]
+    raw_service = service(ports=[port(name, 1000 + i) for i, name in enumerate(names)])
+    first = pod_slice(
+        ep("10.244.1.5"),
+        name="web-a",
+        ports=[slice_port(name, 8000 + i) for i, name in reversed(list(enumerate(names)))]
+        + [slice_port("p0", 9999, protocol="UDP")],
+    )
+    second = pod_slice(ep("10.244.2.5"), name="web-b", ports=[slice_port(n, 7000) for n in names[::2]])
+    ipv6 = pod_slice(ep("2001:db8::5"), name="web-c", address_type="IPv6", ports=[slice_port("p1", 6000)])
+    fqdn = pod_slice(ep("example.com"), name="web-d", address_type="FQDN", ports=[slice_port("p1", 6000)])
+    state = translate(raw_service, [fqdn, second, ipv6, first]).state
+    expected = {
+        f"TCP 10.96.0.1:{1000 + i}": sorted(
+            [f"10.244.1.5:{8000 + i}"] + ([f"10.244.2.5:{7000}"] if i % 2 == 0 else [])
+        )
+        for i in range(ports)
+    }
+    assert summary(state) == expected

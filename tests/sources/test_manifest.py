@@ -290,8 +290,14 @@ ERRORS = [
     pytest.param(
         {"l.yaml": "&loop {kind: List, items: [*loop]}\n"},
         "l.yaml",
-        "{dir}/l.yaml: document 1: Lists nested deeper than 8",
+        "{dir}/l.yaml: the YAML alias *loop is inside the node it refers to",
         id="self-referencing-list",
+    ),
+    pytest.param(
+        {"l.yaml": "{kind: List, items: [" * 9 + "{kind: Service}" + "]}" * 9 + "\n"},
+        "l.yaml",
+        "{dir}/l.yaml: document 1: Lists nested deeper than 8",
+        id="lists-nested-too-deep",
     ),
 ]
 
