@@ -46,7 +46,7 @@ from aproxy.sources.file import FileSource
 from aproxy.startup_gc import StartupCollection
 from aproxy.syncer import Syncer
 from aproxy.web.healthz import decide
-from aproxy.web.server import Exposition, HealthSnapshot, WebServer
+from aproxy.web.server import Exposition, HealthSnapshot, ListenError, WebServer
 
 if TYPE_CHECKING:
     from aproxy.sources.kube.node import ThisNode
@@ -164,6 +164,7 @@ class Daemon:
         try:
             async with AsyncExitStack() as resources:
                 try:
+                    await self._listen(resources)
                     backend = await self._open_backend(resources)
                     self.source = await self._open_source()
                 except StartupError as exc:
@@ -197,6 +198,15 @@ class Daemon:
         except Exception as exc:
             log.error(f"the {name} task failed; stopping", exc_info=True, extra={"task": name})
             raise DaemonTaskFailed(name) from exc
+
+    async def _listen(self, resources: AsyncExitStack) -> None:
+        """Bind the health and metrics addresses first: one that cannot be bound stops the daemon before it
+        has touched the kernel."""
+        try:
+            await self.web.start()
+        except ListenError as exc:
+            raise StartupError(f"--{exc.listener}-bind-address {exc.address}: {exc.reason}") from exc
+        resources.push_async_callback(self.web.close)
 
     async def _open_backend(self, resources: AsyncExitStack) -> Backend:
         if self._backend is not None:

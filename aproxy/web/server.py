@@ -46,7 +46,14 @@ MAX_CONNECTIONS = 128
 
 
 class ListenError(RuntimeError):
-    """An address could not be bound (in use, not on this host, no permission); one line naming it."""
+    """An address could not be bound (in use, not on this host, no permission); one line naming it.
+    ``listener`` is ``healthz`` or ``metrics``: the daemon names the flag that set the address."""
+
+    def __init__(self, listener: str, address: ListenAddress, reason: str) -> None:
+        super().__init__(f"cannot listen on {address} ({listener}): {reason}")
+        self.listener = listener
+        self.address = address
+        self.reason = reason
 
 
 class ListenAddressError(ValueError):
@@ -205,7 +212,7 @@ class WebServer:
         except OSError as exc:
             # asyncio's own text repeats the address: the errno's is enough.
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ListenError(f"cannot listen on {address} ({name}): {reason}") from exc
+            raise ListenError(name, address, reason) from exc
         port: int = runner.addresses[-1][1]
         return port
 

@@ -9,12 +9,19 @@ import contextlib
 import functools
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from aproxy.web.health import Health
+from aproxy.app import EXIT_FAILED, Daemon
+from aproxy.backends.base import OperationResult
+from aproxy.backends.memory import MemoryBackend
+from aproxy.core.model import Operation
+from aproxy.core.state import IPVSState
+from aproxy.settings import Settings
+from aproxy.web.healthz import Health
 from aproxy.web.server import Exposition, HealthSnapshot, ListenAddress, ListenError, WebServer
 
 LOCAL = ListenAddress("127.0.0.1", 0)
@@ -149,3 +156,43 @@ async def test_an_address_not_on_this_host_is_one_line() -> None:
     with pytest.raises(ListenError, match=r"^cannot listen on 192\.0\.2\.77:10256 \(healthz\): .*address"):
         await web.start()
     await web.close()
+
+
+class CountingKernel(MemoryBackend):
+    """A dry-run kernel that counts every call: a daemon that cannot listen must make none."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def apply(self, operations: Sequence[Operation]) -> list[OperationResult]:
+        self.calls += 1
+        return await super().apply(operations)
+
+    async def dump(self) -> IPVSState:
+        self.calls += 1
+        return await super().dump()
+
+
+@pytest.mark.parametrize("listener", ["healthz", "metrics"])
+def test_the_daemon_refuses_to_start_on_a_taken_port_before_touching_the_kernel(
+    caplog: pytest.LogCaptureFixture, listener: str
+) -> None:
+    kernel = CountingKernel()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = ListenAddress("127.0.0.1", taken.getsockname()[1])
+        settings = Settings(
+            node_name="node-a",
+            sources=(Path("examples/cluster.yaml"),),
+            backend="dry-run",
+            healthz_address=address if listener == "healthz" else LOCAL,
+            metrics_address=address if listener == "metrics" else LOCAL,
+        )
+        code = asyncio.run(asyncio.wait_for(Daemon(settings, backend=kernel).run(handle_signals=False), 30))
+    assert code == EXIT_FAILED
+    assert kernel.calls == 0
+    [record] = [r for r in caplog.records if r.getMessage() == "aproxy cannot start"]
+    assert record.__dict__["reason"] == f"--{listener}-bind-address {address}: Address already in use"
+    assert record.exc_info is None
