@@ -26,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from aproxy.backends.base import OperationResult
-from aproxy.backends.masquerade import CommandResult, run_command
+from aproxy.backends.command import CommandResult, run_command
 from aproxy.core.model import (
     DeleteRealServer,
     DeleteVirtualServer,

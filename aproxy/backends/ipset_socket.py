@@ -1,8 +1,7 @@
-"""A raw nfnetlink socket that adds and deletes ipset members in batches (see ipset_wire.py).
+"""A raw nfnetlink socket that adds and deletes ipset members in batches (packed in ipset_wire.py).
 
-Modelled on ipvs.BatchSocket: many requests per ``sendmsg``, an acknowledgement asked only on the last, each
-error mapped back to its request by sequence number. It runs on whatever loop is running (``sock_sendall`` /
-``sock_recv``), uvloop included, which refuses pyroute2's asyncio netlink sockets.
+The batching is netlink_socket.py's, as for IPVS requests: many requests per ``sendmsg``, an acknowledgement
+asked only on the last, each error mapped back to its request by sequence number.
 
 The owner keeps one socket open between syncs (opening one costs five syscalls, each slow in the test guest)
 and drops it after a socket error or a timeout, so that a late reply never meets the next batch. The
@@ -11,22 +10,23 @@ protocol version the kernel speaks is asked once per process and kept.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import ClassVar
 
 from aproxy.backends import ipset_wire
-from aproxy.backends.ipvs_wire import parse_acks
-from aproxy.backends.netlink_socket import NETLINK_NETFILTER, open_netlink_socket
+from aproxy.backends.netlink_socket import DEFAULT_LIMITS, NETLINK_NETFILTER, BatchLimits, NetlinkSocket
+from aproxy.backends.netlink_wire import (
+    NLMSG_ERROR,
+    MalformedReply,
+    Message,
+    NetlinkErrorReply,
+    parse_messages,
+)
 
-BATCH_MESSAGES = 512
-BATCH_BYTES = 128 * 1024
-ACK_TIMEOUT = 10.0
+_Request = tuple[int, ipset_wire.Member]
 
 
-class IPSetSocket:
+class IPSetSocket(NetlinkSocket):
     """Batched ipset member writes: ``open()``, ``await send(...)`` as often as needed, ``close()``.
 
     Also an async context manager (open on enter, close on exit) for one-off use.
@@ -35,12 +35,8 @@ class IPSetSocket:
     # The kernel's answer does not change while the process lives: asked by the first socket only.
     protocol_version: ClassVar[int | None] = None
 
-    def __init__(self) -> None:
-        self._seq = itertools.count(1)
-        # Totals for tests, benchmarks and metrics: incrementality is asserted on these, not on time.
-        self.messages_sent = 0
-        self.batches_sent = 0
-        self._sock: socket.socket | None = None
+    def __init__(self, limits: BatchLimits = DEFAULT_LIMITS) -> None:
+        super().__init__(NETLINK_NETFILTER, limits)
 
     async def __aenter__(self) -> IPSetSocket:
         self.open()
@@ -49,81 +45,44 @@ class IPSetSocket:
     async def __aexit__(self, *exc: object) -> None:
         self.close()
 
-    @property
-    def is_open(self) -> bool:
-        return self._sock is not None
-
-    def open(self) -> None:
-        self._sock = open_netlink_socket(NETLINK_NETFILTER)
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    async def send(self, requests: Sequence[tuple[int, ipset_wire.Member]]) -> list[int]:
+    async def send(self, requests: Sequence[_Request]) -> list[int]:
         """Apply (command, member) requests in order; return each one's error code (0 = applied).
 
         Codes are errnos or the kernel's ipset codes (ipset_wire.ERRORS). OSError, TimeoutError and
         ipset_wire.ProtocolMismatch when the socket itself fails.
         """
-        version = await self._protocol()
-        results: list[int] = []
-        for chunk in self._chunks(requests, version):
-            results.extend(await self._send_chunk(chunk))
-        return results
+        version = await self._version()
 
-    async def _protocol(self) -> int:
+        def encode(seq: int, request: _Request, ack: bool) -> bytes:
+            command, member = request
+            attributes = ipset_wire.member_attrs(member, version)
+            return ipset_wire.pack_request(seq, command, member.family, attributes, ack=ack)
+
+        return await self.send_batches(requests, encode)
+
+    async def _version(self) -> int:
         if IPSetSocket.protocol_version is None:
             seq = next(self._seq)
-            replies = await self._exchange(ipset_wire.protocol_request(seq), seq)
-            answer = ipset_wire.parse_protocol_reply(replies)
+            try:
+                replies = await self._acknowledged(ipset_wire.protocol_request(seq), seq)
+                answer = ipset_wire.parse_protocol_reply(replies)
+            except NetlinkErrorReply as exc:
+                reason = ipset_wire.describe_error(exc.errno) if exc.errno else "no reply"
+                raise ipset_wire.ProtocolMismatch(
+                    f"kernel did not tell its ipset protocol: {reason}"
+                ) from exc
+            except MalformedReply as exc:
+                raise ipset_wire.ProtocolMismatch(f"unreadable ipset protocol reply: {exc}") from exc
             if answer is None:
-                codes = [ack.error for ack in parse_acks(replies) if ack.seq == seq]
-                reason = ipset_wire.describe_error(codes[0]) if codes and codes[0] else "no reply"
-                raise ipset_wire.ProtocolMismatch(f"kernel did not tell its ipset protocol: {reason}")
+                raise ipset_wire.ProtocolMismatch("kernel did not tell its ipset protocol: no reply")
             IPSetSocket.protocol_version = ipset_wire.choose_protocol(*answer)
         return IPSetSocket.protocol_version
 
-    def _chunks(
-        self, requests: Sequence[tuple[int, ipset_wire.Member]], version: int
-    ) -> Iterator[list[tuple[int, int, bytes]]]:
-        chunk: list[tuple[int, int, bytes]] = []
-        size = 0
-        for command, member in requests:
-            body = ipset_wire.member_attrs(member, version)
-            if chunk and (len(chunk) >= BATCH_MESSAGES or size + len(body) > BATCH_BYTES):
-                yield chunk
-                chunk, size = [], 0
-            chunk.append((command, member.family, body))
-            size += len(body) + 20
-        if chunk:
-            yield chunk
-
-    async def _send_chunk(self, chunk: list[tuple[int, int, bytes]]) -> list[int]:
-        seqs = [next(self._seq) for _ in chunk]
-        last = len(chunk) - 1
-        buffer = b"".join(
-            ipset_wire.pack_request(seq, command, family, body, ack=index == last)
-            for index, (seq, (command, family, body)) in enumerate(zip(seqs, chunk, strict=True))
-        )
-        outcome = dict.fromkeys(seqs, 0)
-        for ack in parse_acks(await self._exchange(buffer, seqs[last])):
-            if ack.seq in outcome:
-                outcome[ack.seq] = ack.error
-        self.messages_sent += len(chunk)
-        self.batches_sent += 1
-        return [outcome[seq] for seq in seqs]
-
-    async def _exchange(self, buffer: bytes, last_seq: int) -> bytes:
-        """Send ``buffer``; everything received until the acknowledgement (or error) of ``last_seq``."""
-        assert self._sock is not None, "IPSetSocket used before open()"
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendall(self._sock, buffer)
-        received: list[bytes] = []
-        async with asyncio.timeout(ACK_TIMEOUT):
-            while True:
-                data = await loop.sock_recv(self._sock, 65536)
-                received.append(data)
-                if any(ack.seq == last_seq for ack in parse_acks(data)):
-                    return b"".join(received)
+    async def _acknowledged(self, request: bytes, seq: int) -> list[Message]:
+        """Send one request that asks an acknowledgement; its reply messages up to that acknowledgement
+        (NetlinkErrorReply in its place when the kernel refuses). The timeout bounds each receive."""
+        await self._send(request)
+        replies: list[Message] = []
+        while not replies or replies[-1].kind != NLMSG_ERROR:
+            replies += parse_messages(await self._receive(), seq)
+        return replies

@@ -5,6 +5,7 @@ lookup per line, and costs a process start per batch: ~80 ms for one endpoint ch
 protocol is an nfnetlink subsystem, so members go out like IPVS requests (ipvs_wire.py): many messages per
 ``sendmsg``, each with its own sequence number, an acknowledgement asked only on the last, every error
 answered with the sequence number of its request. Tests compare these bytes with pyroute2's encoding.
+The netlink header, the attributes and the splitting of replies are netlink_wire.py's.
 
 Layouts (include/uapi/linux/netfilter/ipset/ip_set.h, nfnetlink.h): nlmsghdr, then nfgenmsg (family u8,
 version u8, res_id be16), then attributes. The kernel insists on NLA_F_NESTED for the data and address
@@ -19,10 +20,18 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aproxy.backends.netlink_wire import NLAHDR, NLMSGHDR, attribute
+from aproxy.backends.netlink_wire import (
+    NLA_F_NESTED,
+    NLA_F_NET_BYTEORDER,
+    Message,
+    attribute,
+    pack_message,
+    parse_attributes,
+    request_flags,
+)
 from aproxy.core.model import IPAddress
 
 NFNL_SUBSYS_IPSET = 6
@@ -48,13 +57,6 @@ DATA_IP2 = 20
 
 IPADDR_IPV4 = 1
 IPADDR_IPV6 = 2
-
-NLA_F_NESTED = 0x8000
-NLA_F_NET_BYTEORDER = 0x4000
-NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
-
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
 
 # The kernel's own error codes (beyond errno), for log messages.
 ERRORS: dict[int, str] = {
@@ -127,10 +129,8 @@ def member_attrs(member: Member, protocol_version: int) -> bytes:
 
 
 def pack_request(seq: int, command: int, family: int, attributes: bytes, *, ack: bool) -> bytes:
-    flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
-    length = NLMSGHDR.size + _NFGENMSG.size + len(attributes)
-    header = NLMSGHDR.pack(length, message_type(command), flags, seq, 0)
-    return header + _NFGENMSG.pack(family, NFNETLINK_V0, 0) + attributes
+    body = _NFGENMSG.pack(family, NFNETLINK_V0, 0) + attributes
+    return pack_message(message_type(command), request_flags(ack=ack), seq, body)
 
 
 def protocol_request(seq: int) -> bytes:
@@ -139,30 +139,17 @@ def protocol_request(seq: int) -> bytes:
     return pack_request(seq, CMD_PROTOCOL, socket.AF_INET, attributes, ack=True)
 
 
-def _attributes(data: bytes, offset: int, end: int) -> Iterator[tuple[int, bytes]]:
-    while offset + NLAHDR.size <= end:
-        length, kind = NLAHDR.unpack_from(data, offset)
-        if length < NLAHDR.size:
-            return
-        yield kind & NLA_TYPE_MASK, data[offset + NLAHDR.size : offset + length]
-        offset += (length + 3) & ~3
-
-
-def parse_protocol_reply(data: bytes) -> tuple[int, int] | None:
-    """(newest, oldest) protocol version from a CMD_PROTOCOL reply in ``data``; None when there is none."""
-    offset = 0
-    while offset + NLMSGHDR.size <= len(data):
-        length, kind, _flags, _seq, _pid = NLMSGHDR.unpack_from(data, offset)
-        if length < NLMSGHDR.size:
-            return None
-        if kind == message_type(CMD_PROTOCOL):
-            found = dict(_attributes(data, offset + NLMSGHDR.size + _NFGENMSG.size, offset + length))
-            if ATTR_PROTOCOL in found:
-                newest = found[ATTR_PROTOCOL][0]
-                # Kernels before protocol 7 send no minimum: they speak only their own version.
-                oldest = found[ATTR_PROTOCOL_MIN][0] if ATTR_PROTOCOL_MIN in found else newest
-                return newest, oldest
-        offset += (length + 3) & ~3
+def parse_protocol_reply(messages: Iterable[Message]) -> tuple[int, int] | None:
+    """(newest, oldest) protocol version from the CMD_PROTOCOL reply among ``messages``; None without one."""
+    for message in messages:
+        if message.kind != message_type(CMD_PROTOCOL):
+            continue
+        found = parse_attributes(message.payload, _NFGENMSG.size)
+        if found.get(ATTR_PROTOCOL):
+            newest = found[ATTR_PROTOCOL][0]
+            # Kernels before protocol 7 send no minimum: they speak only their own version.
+            oldest = found[ATTR_PROTOCOL_MIN][0] if found.get(ATTR_PROTOCOL_MIN) else newest
+            return newest, oldest
     return None
 
 

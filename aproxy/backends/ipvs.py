@@ -1,23 +1,18 @@
-"""The Linux IPVS backend: the only module that speaks netlink (through pyroute2 and raw sockets).
+"""The Linux IPVS backend: the Backend Protocol on the kernel, and the only module that drives pyroute2.
 
-- Writes go out in batches (:meth:`NetlinkSocket.send_batches`): many requests per ``sendmsg``, each with its
-  own sequence number, an acknowledgement asked only on the last; every error comes back with the sequence
-  number of its request, so each failure is attributed to its operation. IPVS operations go through
-  :class:`BatchSocket` (generic netlink), binding and unbinding the dummy device's addresses through
-  :class:`AddressSocket` (rtnetlink, packed in rtnl_wire.py): every cluster IP is one address, and one
-  pyroute2 request and acknowledgement each made binding 1,000 of them take forty times as long as the
-  11,000 IPVS operations beside them.
-- IPVS reads go through the same raw socket, parsed by hand (ipvs_wire.py). A full dump (start-up, audit):
-  one service dump, then one destination dump per owned virtual server; pyroute2's decoding made a
-  1,000-service dump take seconds. A read of a few virtual servers (reconciling after EEXIST, ENOENT, ...):
-  one get request per virtual server and one destination dump per one that exists, whatever the node holds.
-- The dummy device's addresses are read through that rtnetlink socket too (parsed in rtnl_wire.py): every
-  cluster IP is bound there, and pyroute2's decoding of them made even the read of one virtual server grow
-  with the cluster. Only creating, finding and deleting the device go through pyroute2's asyncio API
-  (``AsyncIPRoute``); ``AsyncIPVS`` only resolves the IPVS generic-netlink family at open.
+- IPVS operations go out in batches on :class:`~aproxy.backends.ipvs_socket.IPVSSocket` (generic netlink),
+  binding and unbinding the dummy device's addresses on
+  :class:`~aproxy.backends.address_socket.AddressSocket` (rtnetlink): many requests per ``sendmsg``, every
+  error mapped back to its operation by sequence number (netlink_socket.py).
+- Reads go through the same raw sockets, parsed by hand: a full dump (start-up, audit) is one service dump,
+  then one destination dump per owned virtual server; a read of a few virtual servers (reconciling after
+  EEXIST, ENOENT, ...) is one get per virtual server and one destination dump per one that exists, whatever
+  the node holds. Each also lists the dummy device's addresses (one address dump).
+- Only creating, finding and deleting the device go through pyroute2's asyncio API (``AsyncIPRoute``, on a
+  loop of its own: pyroute2_thread.py); ``AsyncIPVS`` only resolves the IPVS generic-netlink family at open.
 - Ownership: aproxy changes only virtual servers whose address is bound on its dummy device, or that it
-  created on another address (NodePorts on node addresses, external IPs that are node addresses) and recorded
-  in its state file. Everything else in the kernel (keepalived's, an operator's) is invisible to it.
+  created on another address and recorded in its state file (ownership.py). Everything else in the kernel
+  (keepalived's, an operator's) is invisible to it.
 - Around IPVS: the sysctls it needs (sysctl.py, at open), source NAT for node, hairpin and optionally other
   traffic (masquerade.py: chains at open, hairpin set after every batch, both repaired at every full dump),
   and stale UDP conntrack entries deleted after every batch that removed UDP real servers (conntrack.py).
@@ -25,29 +20,27 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import errno
 import itertools
-import json
 import logging
 import os
-import socket
-import threading
-from collections.abc import Callable, Collection, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
-from ipaddress import ip_address
 from pathlib import Path
-from typing import Any, ClassVar, Final, TypeAlias, TypeVar
+from typing import Any, Final, TypeVar
 
 from pyroute2 import AsyncIPRoute, AsyncIPVS
 from pyroute2.netlink.exceptions import NetlinkError
 
-from aproxy.backends import ipvs_wire, rtnl_wire
-from aproxy.backends.base import BackendError, OperationResult, RealServerConnections
+from aproxy.backends import ipvs_wire
+from aproxy.backends.address_socket import AddressOperation, AddressSocket
+from aproxy.backends.base import OperationResult, RealServerConnections
 from aproxy.backends.conntrack import ConntrackCleaner
+from aproxy.backends.ipvs_socket import IPVSSocket
 from aproxy.backends.masquerade import Masquerade, MasqueradeError, MasqueradeSettings
-from aproxy.backends.netlink_socket import NETLINK_GENERIC, SOL_NETLINK, open_netlink_socket
+from aproxy.backends.netlink_socket import BatchLimits
+from aproxy.backends.ownership import OwnershipRecord
+from aproxy.backends.pyroute2_thread import NetlinkThread
 from aproxy.backends.sysctl import apply_sysctls, wanted_sysctls
 from aproxy.core.model import (
     AddRealServer,
@@ -55,7 +48,6 @@ from aproxy.core.model import (
     BindAddress,
     DeleteVirtualServer,
     IPAddress,
-    L4Protocol,
     Operation,
     RealServer,
     RealServerKey,
@@ -68,37 +60,8 @@ from aproxy.core.state import IPVSState
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-_Op = TypeVar("_Op")
-AddressOperation: TypeAlias = BindAddress | UnbindAddress
 
-# One receive of a dump: the kernel fills at most 32 KiB per part (netlink_dump), more would be truncated.
-DUMP_RECEIVE_BYTES = 64 * 1024
-# Linux 4.20+: the kernel checks a dump request's header strictly and honours its filters (ifa_index).
-NETLINK_GET_STRICT_CHK: Final = 12
 _PROTOCOLS_BY_NUMBER = {number: protocol for protocol, number in ipvs_wire.PROTOCOL_NUMBERS.items()}
-
-
-class NetlinkThread:
-    """A private standard-library event loop in its own thread, for pyroute2's asyncio sockets.
-
-    pyroute2 opens netlink sockets with ``loop.create_datagram_endpoint``, which uvloop refuses for AF_NETLINK
-    ("cannot open a UDP handle, invalid family 16"). So pyroute2's objects are created and awaited on this
-    loop, and the daemon's uvloop awaits the results. The raw sockets need no such detour: they use
-    ``sock_sendall``/``sock_recv``, which every loop supports.
-    """
-
-    def __init__(self) -> None:
-        self._loop = asyncio.SelectorEventLoop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="aproxy-netlink", daemon=True)
-        self._thread.start()
-
-    async def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self._loop))
-
-    async def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        await asyncio.to_thread(self._thread.join)
-        self._loop.close()
 
 
 async def _open_pyroute2() -> tuple[AsyncIPVS, AsyncIPRoute]:
@@ -153,321 +116,9 @@ class IPVSSettings:
     def __post_init__(self) -> None:
         check_device_name(self.device)
 
-
-class IPVSDumpError(BackendError):
-    """A dump (or get) reply that could not be parsed: nothing of that reply is used."""
-
-
-class AddressDumpError(BackendError):
-    """An address dump reply that could not be parsed: nothing of that reply is used."""
-
-
-class NetlinkSocket:
-    """A raw netlink socket of one protocol that sends requests in batches and reads dumps to their
-    NLMSG_DONE: what the IPVS socket (:class:`BatchSocket`) and the address socket (:class:`AddressSocket`)
-    share.
-
-    One request (or batch) at a time: the backend's callers never overlap (the daemon's kernel task runs one
-    pass after another), and replies are told from leftovers of a timed-out request by their sequence number.
-    """
-
-    # What an unreadable reply raises, and what the error message calls the dump.
-    _dump_error: ClassVar[type[BackendError]] = BackendError
-    _dump_name: ClassVar[str] = "netlink"
-
-    def __init__(self, protocol: int, settings: IPVSSettings) -> None:
-        self._protocol = protocol
-        self._settings = settings
-        self._seq = itertools.count(1)
-        # Totals for tests, benchmarks and metrics: incrementality is asserted on these, not on time.
-        self.dumps_sent = 0
-        self.dump_receives = 0  # receives the dumps took: more than one per dump once a reply is large
-        self.dump_messages = 0  # messages of the dumped type received, before any filtering here
-        self.messages_sent = 0  # requests sent in batches: one per operation
-        self.batches_sent = 0  # buffers of them sent (one sendmsg each)
-        self._sock = self._open_socket()
-        self._dump_unfinished = False
-
-    def _open_socket(self) -> socket.socket:
-        return open_netlink_socket(self._protocol)
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def _replace_socket_after_unfinished_dump(self) -> None:
-        """A dump left unfinished (timeout, unreadable part, cancellation) would keep running on this socket,
-        and the kernel refuses a second dump on it (EBUSY) until the first is read to its end: the next
-        request replaces the socket instead (not at once: the event loop may still hold the old one's
-        reader)."""
-        if self._dump_unfinished:
-            self._sock.close()
-            self._sock = self._open_socket()
-            self._dump_unfinished = False
-
-    async def send_batches(
-        self, operations: Sequence[_Op], encode: Callable[[int, _Op, bool], bytes]
-    ) -> list[int]:
-        """Send the operations in order, as few buffers as the batch limits allow; return each one's errno
-        (0 = applied). ``encode(seq, operation, ack)`` packs one request.
-
-        Each buffer asks an acknowledgement of its last request only: the kernel handles a buffer's requests
-        in order and answers every refused one (NLMSG_ERROR with its sequence number) whether asked or not,
-        so the last one's acknowledgement means every earlier one without an error was applied.
-        """
-        results: list[int] = []
-        for chunk in self._chunks(operations, encode):
-            results.extend(await self._send_chunk(chunk, encode))
-        return results
-
-    def _chunks(
-        self, operations: Sequence[_Op], encode: Callable[[int, _Op, bool], bytes]
-    ) -> Iterator[list[tuple[int, _Op, bytes]]]:
-        """The operations with their sequence numbers and requests (no acknowledgement asked yet), cut where a
-        buffer would pass ``batch_messages`` requests or ``batch_bytes`` bytes (a single larger request still
-        goes alone)."""
-        chunk: list[tuple[int, _Op, bytes]] = []
-        size = 0
-        for op in operations:
-            seq = next(self._seq)
-            request = encode(seq, op, False)
-            if chunk and (
-                len(chunk) >= self._settings.batch_messages
-                or size + len(request) > self._settings.batch_bytes
-            ):
-                yield chunk
-                chunk, size = [], 0
-            chunk.append((seq, op, request))
-            size += len(request)
-        if chunk:
-            yield chunk
-
-    async def _send_chunk(
-        self, chunk: list[tuple[int, _Op, bytes]], encode: Callable[[int, _Op, bool], bytes]
-    ) -> list[int]:
-        last_seq, last_op, _unacknowledged = chunk[-1]
-        # The last request packed again, asking the acknowledgement: only the flags differ, not the size.
-        buffer = b"".join(request for _seq, _op, request in chunk[:-1]) + encode(last_seq, last_op, True)
-        outcome = {seq: 0 for seq, _op, _request in chunk}
-        loop = asyncio.get_running_loop()
-        self._replace_socket_after_unfinished_dump()
-        await loop.sock_sendall(self._sock, buffer)
-        self.messages_sent += len(chunk)
-        self.batches_sent += 1
-        async with asyncio.timeout(self._settings.ack_timeout):
-            while True:
-                data = await loop.sock_recv(self._sock, 65536)
-                for ack in ipvs_wire.parse_acks(data):
-                    if ack.seq in outcome:
-                        outcome[ack.seq] = ack.error
-                    if ack.seq == last_seq:
-                        return list(outcome.values())
-
-    async def _dump(self, request: bytes, seq: int, kind: int) -> list[ipvs_wire.Message]:
-        """Send one dump request; gather its messages of type ``kind`` from as many receives as it takes, to
-        NLMSG_DONE.
-
-        The timeout bounds each receive (no answer for that long), not the whole dump, whatever its size.
-        """
-        loop = asyncio.get_running_loop()
-        self._replace_socket_after_unfinished_dump()
-        self._dump_unfinished = True
-        finished = False
-        try:
-            await loop.sock_sendall(self._sock, request)
-            self.dumps_sent += 1
-            messages: list[ipvs_wire.Message] = []
-            while not finished:
-                async with asyncio.timeout(self._settings.ack_timeout):
-                    data = await loop.sock_recv(self._sock, DUMP_RECEIVE_BYTES)
-                self.dump_receives += 1
-                for message in ipvs_wire.parse_messages(data, seq):
-                    if message.kind == ipvs_wire.NLMSG_DONE:
-                        finished = True
-                    elif message.kind == kind:
-                        messages.append(message)
-        except ipvs_wire.MalformedReply as exc:
-            raise self._dump_error(f"unreadable {self._dump_name} dump reply: {exc}") from exc
-        self._dump_unfinished = False
-        self.dump_messages += len(messages)
-        return messages
-
-
-class AddressSocket(NetlinkSocket):
-    """A raw rtnetlink socket that binds and unbinds addresses on one interface in batches, and lists the
-    addresses bound there: one address dump a call.
-
-    With NETLINK_GET_STRICT_CHK the kernel sends only that interface's addresses; an older kernel ignores the
-    index and sends every interface's, so the index is checked here too. Strict checking concerns dump and
-    get requests only: address adds and deletes are parsed as before it.
-    """
-
-    _dump_error = AddressDumpError
-    _dump_name = "address"
-
-    def __init__(self, settings: IPVSSettings) -> None:
-        super().__init__(socket.NETLINK_ROUTE, settings)
-
-    def _open_socket(self) -> socket.socket:
-        sock = super()._open_socket()
-        # Before Linux 4.20 (ENOPROTOOPT) the kernel filters nothing; addresses() checks the index anyway.
-        with contextlib.suppress(OSError):
-            sock.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
-        return sock
-
-    async def send(self, operations: Sequence[AddressOperation], index: int) -> list[int]:
-        """Bind and unbind on interface ``index`` in order; return each operation's errno (0 = applied):
-        EEXIST for an address already bound, EADDRNOTAVAIL for one not bound, ENODEV without the interface.
-        """
-
-        def encode(seq: int, op: AddressOperation, ack: bool) -> bytes:
-            return rtnl_wire.address_request(seq, op, index, ack=ack)
-
-        return await self.send_batches(operations, encode)
-
-    async def addresses(self, index: int) -> list[rtnl_wire.DumpedAddress]:
-        """The IPv4 and IPv6 addresses bound on interface ``index``; none when there is no such interface
-        (strict checking answers ENODEV where an unfiltered dump would just hold none of its addresses)."""
-        request = rtnl_wire.address_dump_request(seq := next(self._seq), index=index)
-        try:
-            messages = await self._dump(request, seq, rtnl_wire.RTM_NEWADDR)
-        except ipvs_wire.NetlinkErrorReply as exc:
-            if exc.errno == errno.ENODEV:
-                return []
-            raise
-        try:
-            decoded = [rtnl_wire.decode_address(message) for message in messages]
-        except ipvs_wire.MalformedReply as exc:
-            raise AddressDumpError(f"unreadable address dump reply: {exc}") from exc
-        return [address for address in decoded if address is not None and address.index == index]
-
-
-class BatchSocket(NetlinkSocket):
-    """A raw generic-netlink socket that sends IPVS requests in batches and maps acknowledgements back; it
-    also reads dumps, and single virtual servers.
-    """
-
-    _dump_error = IPVSDumpError
-    _dump_name = "IPVS"
-
-    def __init__(self, family_id: int, settings: IPVSSettings) -> None:
-        super().__init__(NETLINK_GENERIC, settings)
-        self._family_id = family_id
-        self.gets_sent = 0  # requests for one virtual server (not dumps)
-
-    async def send(self, operations: Sequence[ipvs_wire.IPVSOperation]) -> list[int]:
-        """Apply the operations in order; return each one's errno (0 = applied)."""
-        return await self.send_batches(operations, self._request)
-
-    def _request(self, seq: int, op: ipvs_wire.IPVSOperation, ack: bool) -> bytes:
-        command, body = ipvs_wire.request_body(op)
-        return ipvs_wire.pack_request(self._family_id, seq, command, body, ack=ack)
-
-    async def services(self) -> list[ipvs_wire.DumpedService]:
-        """Every virtual server in the kernel (this network namespace), foreign and firewall-mark ones too."""
-        request = ipvs_wire.services_dump_request(self._family_id, seq := next(self._seq))
-        messages = await self._dump(request, seq, self._family_id)
-        try:
-            return [ipvs_wire.decode_service(message) for message in messages]
-        except ipvs_wire.MalformedReply as exc:  # a ValueError: the daemon would not take it for a backend's
-            raise IPVSDumpError(f"unreadable IPVS service dump: {exc}") from exc
-
-    async def dests(self, key: VirtualServerKey) -> list[ipvs_wire.DumpedDest]:
-        """The real servers of one virtual server; none if it does not exist (the kernel's answer, too)."""
-        request = ipvs_wire.dests_dump_request(self._family_id, seq := next(self._seq), key)
-        family = socket.AF_INET if key.address.version == 4 else socket.AF_INET6
-        messages = await self._dump(request, seq, self._family_id)
-        try:
-            return [ipvs_wire.decode_dest(message, family) for message in messages]
-        except ipvs_wire.MalformedReply as exc:
-            raise IPVSDumpError(f"unreadable IPVS real server dump of {key}: {exc}") from exc
-
-    async def service(self, key: VirtualServerKey) -> ipvs_wire.DumpedService | None:
-        """One virtual server, foreign ones too, by its key: one request, one reply. None when the kernel has
-        no such virtual server (ESRCH); any other refusal raises ``NetlinkErrorReply`` as a dump's does."""
-        request = ipvs_wire.service_get_request(self._family_id, seq := next(self._seq), key)
-        try:
-            message = await self._get(request, seq)
-        except ipvs_wire.NetlinkErrorReply as exc:
-            if exc.errno == errno.ESRCH:
-                return None
-            raise
-        try:
-            return ipvs_wire.decode_service(message)
-        except ipvs_wire.MalformedReply as exc:
-            raise IPVSDumpError(f"unreadable IPVS service reply: {exc}") from exc
-
-    async def _get(self, request: bytes, seq: int) -> ipvs_wire.Message:
-        """Send one request that is not a dump; return its one reply message.
-
-        The kernel answers with a single message of the family, or an NLMSG_ERROR (raised by parse_messages);
-        no NLMSG_DONE follows, so the first message of ours ends the wait. Leftovers of an earlier request
-        that timed out carry other sequence numbers and are passed over. The timeout bounds each receive.
-        """
-        loop = asyncio.get_running_loop()
-        self._replace_socket_after_unfinished_dump()
-        await loop.sock_sendall(self._sock, request)
-        self.gets_sent += 1
-        try:
-            while True:
-                async with asyncio.timeout(self._settings.ack_timeout):
-                    data = await loop.sock_recv(self._sock, DUMP_RECEIVE_BYTES)
-                for message in ipvs_wire.parse_messages(data, seq):
-                    if message.kind == self._family_id:
-                        return message
-                    # An acknowledgement or a DONE (neither asked for): the kernel sent no virtual server.
-                    raise IPVSDumpError(f"IPVS answered request {seq} with message type {message.kind}")
-        except ipvs_wire.MalformedReply as exc:
-            raise IPVSDumpError(f"unreadable IPVS reply: {exc}") from exc
-
-
-class OwnershipRecord:
-    """Virtual servers aproxy created on addresses it does not bind (NodePorts, node-address external IPs).
-
-    Written before the kernel is asked (an intent), pruned of what the kernel refused, so a crash in between
-    can only leave a record of a virtual server that does not exist, never an owned one that is not recorded.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._keys: set[VirtualServerKey] = set()
-
-    def load(self) -> None:
-        try:
-            entries = json.loads(self._path.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            log.warning(
-                "ignoring unreadable ownership record", extra={"path": str(self._path), "error": str(exc)}
-            )
-            return
-        self._keys = {_key_from_record(entry) for entry in entries if isinstance(entry, list)}
-
-    def __contains__(self, key: VirtualServerKey) -> bool:
-        return key in self._keys
-
-    def keys(self) -> frozenset[VirtualServerKey]:
-        return frozenset(self._keys)
-
-    def update(self, add: Iterable[VirtualServerKey] = (), remove: Iterable[VirtualServerKey] = ()) -> None:
-        before = len(self._keys)
-        added = set(add) - self._keys
-        self._keys |= added
-        self._keys -= set(remove)
-        if added or len(self._keys) != before:
-            self._save()
-
-    def _save(self) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        entries = sorted(([k.protocol.value, str(k.address), k.port] for k in self._keys), key=str)
-        temporary = self._path.with_suffix(".tmp")
-        temporary.write_text(json.dumps(entries))
-        os.replace(temporary, self._path)
-
-
-def _key_from_record(entry: list[Any]) -> VirtualServerKey:
-    protocol, address, port = entry
-    return VirtualServerKey(L4Protocol(protocol), ip_address(address), int(port))
+    @property
+    def batch_limits(self) -> BatchLimits:
+        return BatchLimits(self.batch_messages, self.batch_bytes, self.ack_timeout)
 
 
 @dataclass(slots=True)
@@ -478,7 +129,7 @@ class IPVSBackend:
     _netlink: NetlinkThread | None = None
     _ipvs: AsyncIPVS | None = None
     _ipr: AsyncIPRoute | None = None
-    _batch: BatchSocket | None = None
+    _batch: IPVSSocket | None = None
     _addresses: AddressSocket | None = None
     _device_index: int | None = None
     _bound: set[IPAddress] = field(default_factory=set)
@@ -507,8 +158,8 @@ class IPVSBackend:
     async def _open(self, netlink: NetlinkThread) -> None:
         ipvs, self._ipr = await netlink.run(_open_pyroute2())
         self._ipvs = ipvs
-        self._batch = BatchSocket(ipvs.prid, self.settings)
-        self._addresses = AddressSocket(self.settings)
+        self._batch = IPVSSocket(ipvs.prid, self.settings.batch_limits)
+        self._addresses = AddressSocket(self.settings.batch_limits)
         self._record = OwnershipRecord(self.settings.state_file)
         self._record.load()
         self._device_index = await self._ensure_device()

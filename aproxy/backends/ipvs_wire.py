@@ -12,6 +12,8 @@ virtual servers are parsed here too: pyroute2 decodes every attribute of every m
 stats included, which made a dump of 1,000 services take seconds. Only the few attributes a service proxy
 reads are decoded here; the rest are skipped unread.
 
+Splitting a reply into messages and attributes is netlink_wire.py's, which every netlink family shares.
+
 Layouts (include/uapi/linux/ip_vs.h, netlink.h): nlmsghdr (len u32, type u16, flags u16, seq u32, pid u32),
 genlmsghdr (cmd u8, version u8, reserved u16), then attributes (len u16, type u16, payload, 4-byte aligned).
 Numbers are host order, ports network order; addresses are 16 bytes (union nf_inet_addr: IPv4 in the first 4).
@@ -19,14 +21,22 @@ Numbers are host order, ports network order; addresses are 16 bytes (union nf_in
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from aproxy.backends.netlink_wire import NLAHDR, NLMSGHDR, attribute
+from aproxy.backends.netlink_wire import (
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    MalformedReply,
+    Message,
+    attribute,
+    pack_message,
+    parse_attributes,
+    request_flags,
+)
 from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
@@ -85,21 +95,11 @@ SVC_F_PERSISTENT = 0x0001
 SCHED_FLAGS: dict[str, int] = {"flag-1": 0x0008, "flag-2": 0x0010, "flag-3": 0x0020}
 FLAGS_MASK = 0xFFFFFFFF
 
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_DUMP = 0x300  # NLM_F_ROOT | NLM_F_MATCH
-NLMSG_NOOP = 0x1
-NLMSG_ERROR = 0x2
-NLMSG_DONE = 0x3
-# The two high bits of nla_type are flags (NLA_F_NESTED, NLA_F_NET_BYTEORDER), not part of the type.
-NLA_TYPE_MASK = 0x3FFF
-
 _GENLHDR = struct.Struct("=BBH")
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _BE16 = struct.Struct(">H")
 _FLAGS = struct.Struct("=II")
-_ERRHDR = struct.Struct("=i")
 
 PROTOCOL_NUMBERS: dict[L4Protocol, int] = {
     L4Protocol.TCP: socket.IPPROTO_TCP,
@@ -203,13 +203,11 @@ def request_body(op: IPVSOperation) -> tuple[int, bytes]:
 
 
 def _pack(family_id: int, seq: int, flags: int, command: int, attributes: bytes) -> bytes:
-    length = NLMSGHDR.size + _GENLHDR.size + len(attributes)
-    header = NLMSGHDR.pack(length, family_id, flags, seq, 0)
-    return header + _GENLHDR.pack(command, GENL_VERSION, 0) + attributes
+    return pack_message(family_id, flags, seq, _GENLHDR.pack(command, GENL_VERSION, 0) + attributes)
 
 
 def pack_request(family_id: int, seq: int, command: int, attributes: bytes, *, ack: bool) -> bytes:
-    return _pack(family_id, seq, NLM_F_REQUEST | (NLM_F_ACK if ack else 0), command, attributes)
+    return _pack(family_id, seq, request_flags(ack=ack), command, attributes)
 
 
 def services_dump_request(family_id: int, seq: int) -> bytes:
@@ -233,104 +231,7 @@ def dests_dump_request(family_id: int, seq: int, key: VirtualServerKey) -> bytes
     return _pack(family_id, seq, NLM_F_REQUEST | NLM_F_DUMP, CMD_GET_DEST, attributes)
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
-    """One NLMSG_ERROR reply: ``error`` is 0 for an acknowledgement, else a positive errno."""
-
-    seq: int
-    error: int
-
-
-def parse_acks(data: bytes) -> Iterator[Ack]:
-    """The acknowledgements and errors in one received buffer; other message types are passed over."""
-    offset = 0
-    while offset + NLMSGHDR.size <= len(data):
-        length, kind, _flags, seq, _pid = NLMSGHDR.unpack_from(data, offset)
-        if length < NLMSGHDR.size:
-            break  # a corrupt header: nothing after it can be trusted
-        if kind == NLMSG_ERROR:
-            (error,) = _ERRHDR.unpack_from(data, offset + NLMSGHDR.size)
-            yield Ack(seq=seq, error=-error)
-        offset += (length + 3) & ~3
-
-
 # --- dump replies -------------------------------------------------------------------------------------------
-
-
-class MalformedReply(ValueError):
-    """A reply that is not what the kernel sends: truncated, a length that overruns, a missing attribute."""
-
-
-class NetlinkErrorReply(OSError):
-    """The kernel refused a request (NLMSG_ERROR, or a dump that ended with an error): ``errno`` says why."""
-
-    def __init__(self, seq: int, error: int) -> None:
-        super().__init__(error, f"{os.strerror(error)} (netlink request {seq})")
-        self.seq = seq
-
-
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One netlink message of a reply: its header's type, flags and sequence number, and what follows."""
-
-    kind: int
-    flags: int
-    seq: int
-    payload: bytes
-
-
-def _aligned(length: int) -> int:
-    return (length + 3) & ~3
-
-
-def _error_code(message_kind: int, payload: bytes, seq: int) -> int:
-    """The positive errno an NLMSG_ERROR or NLMSG_DONE carries (0: success)."""
-    if len(payload) < _ERRHDR.size:
-        raise MalformedReply(f"netlink message type {message_kind} of request {seq} without its error code")
-    error: int = _ERRHDR.unpack_from(payload)[0]
-    return -error
-
-
-def parse_messages(data: bytes, seq: int | None = None) -> Iterator[Message]:
-    """The netlink messages of one received buffer, up to and including NLMSG_DONE.
-
-    With ``seq``, only the answers to that request: whatever is left of an earlier request that timed out is
-    passed over, its errors too. NLMSG_NOOP is passed over. An NLMSG_ERROR with an error, or an NLMSG_DONE
-    that ends a dump with one, raises :class:`NetlinkErrorReply`; an acknowledgement (error 0) is yielded.
-    """
-    offset, end = 0, len(data)
-    while offset < end:
-        if end - offset < NLMSGHDR.size:
-            raise MalformedReply(f"{end - offset} bytes at offset {offset}: too short for a netlink header")
-        length, kind, flags, message_seq, _pid = NLMSGHDR.unpack_from(data, offset)
-        if length < NLMSGHDR.size or offset + length > end:
-            raise MalformedReply(f"netlink message length {length} at offset {offset} of {end} bytes")
-        if seq is None or message_seq == seq:
-            payload = data[offset + NLMSGHDR.size : offset + length]
-            if kind in (NLMSG_ERROR, NLMSG_DONE):
-                error = _error_code(kind, payload, message_seq)
-                if error:
-                    raise NetlinkErrorReply(message_seq, error)
-            if kind != NLMSG_NOOP:
-                yield Message(kind, flags, message_seq, payload)
-            if kind == NLMSG_DONE:
-                return
-        offset += _aligned(length)
-
-
-def parse_attributes(data: bytes, offset: int = 0) -> dict[int, bytes]:
-    """One level of attributes from ``offset`` on: type (flags masked off) -> payload; nests stay bytes."""
-    attributes: dict[int, bytes] = {}
-    end = len(data)
-    while offset < end:
-        if end - offset < NLAHDR.size:
-            raise MalformedReply(f"{end - offset} bytes at offset {offset}: too short for an attribute")
-        length, kind = NLAHDR.unpack_from(data, offset)
-        if length < NLAHDR.size or offset + length > end:
-            raise MalformedReply(f"attribute length {length} at offset {offset} of {end} bytes")
-        attributes[kind & NLA_TYPE_MASK] = data[offset + NLAHDR.size : offset + length]
-        offset += _aligned(length)
-    return attributes
 
 
 def _nested(message: Message, kind: int) -> dict[int, bytes]:

@@ -41,12 +41,12 @@ process: that cost ~80 ms per endpoint change and ~0.4 ms per member. A member t
 and left to the next audit. An entry is refcounted over the virtual servers that have that real
 server (a pod behind a ClusterIP and a NodePort stays until its last virtual server lets it go).
 ``resync`` rebuilds the membership from a kernel dump (start-up and audit), writing only the differences.
-Rare operations (creating, reading and destroying the sets, the iptables rules) still run the commands.
+Rare operations (creating, reading and destroying the sets, the iptables rules) still run the commands
+(command.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections import Counter
@@ -57,6 +57,7 @@ from pathlib import Path
 
 from aproxy.backends import ipset_wire
 from aproxy.backends.base import OperationResult
+from aproxy.backends.command import COMMAND_TIMEOUT, CommandResult, run_command, succeeds
 from aproxy.backends.ipset_socket import IPSetSocket
 from aproxy.backends.ipvs_wire import PROTOCOL_NUMBERS
 from aproxy.core.model import (
@@ -75,7 +76,6 @@ log = logging.getLogger(__name__)
 CHAIN = "APROXY-POSTROUTING"
 SET_NAMES = {4: "APROXY-LOOP-BACK", 6: "APROXY-LOOP-BACK6"}
 JUMP_COMMENT = "aproxy: source NAT for IPVS traffic"
-COMMAND_TIMEOUT = 60.0
 IPV6_PROC = Path("/proc/net/if_inet6")
 IPVS_NAT = ("-m", "ipvs", "--vdir", "ORIGINAL", "--vmethod", "MASQ")
 # Failed members logged one by one per write; past that, only counted (a missing set fails them all).
@@ -289,65 +289,6 @@ class LoopBackMembers:
         return Delta(added, removed)
 
 
-# --- commands -----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class CommandResult:
-    argv: tuple[str, ...]
-    returncode: int
-    stdout: str
-    stderr: str
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0
-
-    def describe(self) -> str:
-        return f"{' '.join(self.argv)} exited {self.returncode}: {self.stderr.strip()}"
-
-
-async def run_command(*argv: str, stdin: str | None = None) -> CommandResult:
-    """Run a command without blocking the event loop; FileNotFoundError when it is not installed."""
-    process = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(COMMAND_TIMEOUT):
-            out, err = await process.communicate(stdin.encode() if stdin is not None else None)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None  # communicate() waited for the exit
-    return CommandResult(
-        tuple(argv), process.returncode, out.decode(errors="replace"), err.decode("utf-8", "replace")
-    )
-
-
-async def _must(*argv: str, stdin: str | None = None) -> CommandResult:
-    try:
-        result = await run_command(*argv, stdin=stdin)
-    except FileNotFoundError as exc:
-        raise MasqueradeError(f"{argv[0]} is not installed (needed for IPVS source NAT)") from exc
-    except TimeoutError as exc:
-        raise MasqueradeError(f"{' '.join(argv)} did not finish within {COMMAND_TIMEOUT:.0f} s") from exc
-    if not result.ok:
-        raise MasqueradeError(result.describe())
-    return result
-
-
-async def _succeeds(*argv: str) -> bool:
-    """A check: whether the command exits 0 (False as well when it is not installed)."""
-    try:
-        return (await run_command(*argv)).ok
-    except FileNotFoundError:
-        return False
-
-
 # --- the adapter --------------------------------------------------------------------------------------------
 
 
@@ -465,12 +406,21 @@ class Masquerade:
             log.error("more hairpin set members refused", extra={"count": len(failed) - LOGGED_FAILURES})
 
     async def _must(self, *argv: str, stdin: str | None = None) -> CommandResult:
+        """Run a command that must succeed: MasqueradeError when it fails, is missing or hangs."""
         self.commands_run += 1
-        return await _must(*argv, stdin=stdin)
+        try:
+            result = await run_command(*argv, stdin=stdin)
+        except FileNotFoundError as exc:
+            raise MasqueradeError(f"{argv[0]} is not installed (needed for IPVS source NAT)") from exc
+        except TimeoutError as exc:
+            raise MasqueradeError(f"{' '.join(argv)} did not finish within {COMMAND_TIMEOUT:.0f} s") from exc
+        if not result.ok:
+            raise MasqueradeError(result.describe())
+        return result
 
     async def _succeeds(self, *argv: str) -> bool:
         self.commands_run += 1
-        return await _succeeds(*argv)
+        return await succeeds(*argv)
 
 
 def available_families() -> tuple[Family, ...]:

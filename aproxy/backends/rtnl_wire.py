@@ -12,8 +12,8 @@ Binding and unbinding are packed here too, so that the backend sends them in bat
 reads the addresses (many requests per ``sendmsg``, like its IPVS requests) instead of one pyroute2 request
 and one acknowledgement each: every cluster IP is one address to bind.
 
-The messages of a reply are split with ipvs_wire's generic netlink helpers (``parse_messages``,
-``parse_attributes``); nothing here is specific to generic netlink.
+The messages of a reply are split with netlink_wire's helpers (``parse_messages``, ``parse_attributes``),
+which every netlink family shares.
 
 Layouts (include/uapi/linux/netlink.h, if_addr.h): nlmsghdr (len u32, type u16, flags u16, seq u32, pid u32),
 struct ifaddrmsg (family u8, prefixlen u8, flags u8, scope u8, index u32), then attributes (len u16,
@@ -27,23 +27,23 @@ import struct
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
-from aproxy.backends.ipvs_wire import (
-    NLM_F_ACK,
+from aproxy.backends.netlink_wire import (
+    NLM_F_CREATE,
     NLM_F_DUMP,
+    NLM_F_EXCL,
     NLM_F_REQUEST,
     MalformedReply,
     Message,
+    attribute,
+    pack_message,
     parse_attributes,
+    request_flags,
 )
-from aproxy.backends.netlink_wire import NLMSGHDR, attribute
 from aproxy.core.model import BindAddress, IPAddress, UnbindAddress
 
 RTM_NEWADDR = 20
 RTM_DELADDR = 21
 RTM_GETADDR = 22
-
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
 
 IFA_ADDRESS = 1
 IFA_LOCAL = 2
@@ -69,9 +69,7 @@ def address_dump_request(seq: int, family: int = socket.AF_UNSPEC, index: int = 
     also refuses a non-zero prefixlen, flags or scope, hence zeros); without it every interface's addresses
     come back, so readers filter on ``DumpedAddress.index`` as well.
     """
-    body = _IFADDRMSG.pack(family, 0, 0, 0, index)
-    header = NLMSGHDR.pack(NLMSGHDR.size + len(body), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
-    return header + body
+    return pack_message(RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, seq, _IFADDRMSG.pack(family, 0, 0, 0, index))
 
 
 def address_request(seq: int, op: BindAddress | UnbindAddress, index: int, *, ack: bool) -> bytes:
@@ -93,13 +91,11 @@ def address_request(seq: int, op: BindAddress | UnbindAddress, index: int, *, ac
     if family == socket.AF_INET:
         attributes += attribute(IFA_LOCAL, address.packed)
     if isinstance(op, BindAddress):
-        kind, flags = RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
+        kind, flags = RTM_NEWADDR, request_flags(ack=ack) | NLM_F_CREATE | NLM_F_EXCL
     else:
-        kind, flags = RTM_DELADDR, NLM_F_REQUEST
-    if ack:
-        flags |= NLM_F_ACK
+        kind, flags = RTM_DELADDR, request_flags(ack=ack)
     body = _IFADDRMSG.pack(family, address.max_prefixlen, 0, 0, index) + attributes
-    return NLMSGHDR.pack(NLMSGHDR.size + len(body), kind, flags, seq, 0) + body
+    return pack_message(kind, flags, seq, body)
 
 
 def decode_address(message: Message) -> DumpedAddress | None:

@@ -8,8 +8,8 @@ from ipaddress import ip_address
 import pytest
 
 from aproxy.backends.base import OperationResult
+from aproxy.backends.command import CommandResult
 from aproxy.backends.conntrack import StaleFlows, is_success, stale_flows
-from aproxy.backends.masquerade import CommandResult
 from aproxy.core.model import (
     AddRealServer,
     DeleteRealServer,

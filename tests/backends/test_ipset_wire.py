@@ -16,8 +16,8 @@ import pytest
 from pyroute2.netlink.nfnetlink.ipset import ipset_msg
 
 from aproxy.backends import ipset_wire
-from aproxy.backends.ipvs_wire import Ack, parse_acks
 from aproxy.backends.masquerade import LoopBackEntry, set_requests
+from aproxy.backends.netlink_wire import NLA_F_NESTED, NLA_F_NET_BYTEORDER, Ack, parse_acks, parse_messages
 from aproxy.core.model import IPAddress, L4Protocol
 
 POD4 = ip_address("10.244.1.5")
@@ -96,13 +96,13 @@ def test_data_and_addresses_carry_the_flags_the_kernel_checks() -> None:
 
     assert protocol == (5, ipset_wire.ATTR_PROTOCOL)
     assert setname == (6, ipset_wire.ATTR_SETNAME)
-    assert struct.unpack_from("=H", attrs, data + 2)[0] == ipset_wire.ATTR_DATA | ipset_wire.NLA_F_NESTED
+    assert struct.unpack_from("=H", attrs, data + 2)[0] == ipset_wire.ATTR_DATA | NLA_F_NESTED
     ip_kind, inner_kind = (
         struct.unpack_from("=H", attrs, data + 6)[0],
         struct.unpack_from("=H", attrs, data + 10)[0],
     )
-    assert ip_kind == ipset_wire.DATA_IP | ipset_wire.NLA_F_NESTED
-    assert inner_kind == ipset_wire.IPADDR_IPV4 | ipset_wire.NLA_F_NET_BYTEORDER
+    assert ip_kind == ipset_wire.DATA_IP | NLA_F_NESTED
+    assert inner_kind == ipset_wire.IPADDR_IPV4 | NLA_F_NET_BYTEORDER
 
 
 def test_no_request_asks_for_exclusive_add() -> None:
@@ -157,7 +157,7 @@ ACK_3 = (
     ],
 )
 def test_protocol_reply_picks_7_else_6(attrs: list[Any], answer: tuple[int, int], chosen: int) -> None:
-    parsed = ipset_wire.parse_protocol_reply(_protocol_reply(attrs) + ACK_3)
+    parsed = ipset_wire.parse_protocol_reply(parse_messages(_protocol_reply(attrs) + ACK_3))
 
     assert parsed == answer
     assert ipset_wire.choose_protocol(*answer) == chosen
@@ -169,7 +169,7 @@ def test_protocol_outside_6_to_7_is_refused() -> None:
 
 
 def test_no_protocol_reply_in_a_bare_ack() -> None:
-    assert ipset_wire.parse_protocol_reply(ACK_3) is None
+    assert ipset_wire.parse_protocol_reply(parse_messages(ACK_3)) is None
 
 
 def test_ipset_errors_map_back_by_sequence_number() -> None:

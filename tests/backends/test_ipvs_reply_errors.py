@@ -13,8 +13,9 @@ from ipaddress import ip_address
 
 import pytest
 
-from aproxy.backends import ipvs_wire
-from aproxy.backends.ipvs import BatchSocket, IPVSDumpError, IPVSSettings
+from aproxy.backends import ipvs_wire, netlink_wire
+from aproxy.backends.ipvs_socket import IPVSDumpError, IPVSSocket
+from aproxy.backends.netlink_socket import BatchLimits
 from aproxy.core.model import L4Protocol, VirtualServerKey
 
 FAMILY_ID = 0x2A
@@ -40,13 +41,11 @@ NO_FAMILY = genl(attribute(ipvs_wire.ATTR_SERVICE, attribute(ipvs_wire.SVC_PORT,
 NO_ADDRESS = genl(attribute(ipvs_wire.ATTR_DEST, attribute(ipvs_wire.DEST_PORT, b"\0\x50")))
 
 
-def answered(
-    reply: Callable[[int], bytes], call: Callable[[BatchSocket], Awaitable[object]]
-) -> BaseException:
-    """Run ``call`` on a BatchSocket whose peer answers the first request with ``reply(seq)``."""
+def answered(reply: Callable[[int], bytes], call: Callable[[IPVSSocket], Awaitable[object]]) -> BaseException:
+    """Run ``call`` on a IPVSSocket whose peer answers the first request with ``reply(seq)``."""
 
     async def scenario() -> BaseException:
-        batch = BatchSocket(FAMILY_ID, IPVSSettings(ack_timeout=5.0))
+        batch = IPVSSocket(FAMILY_ID, BatchLimits(ack_timeout=5.0))
         batch.close()
         ours, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         ours.setblocking(False)
@@ -75,10 +74,10 @@ def answered(
     ],
 )
 def test_an_undecodable_dump_message_is_a_dump_error(
-    payload: bytes, call: Callable[[BatchSocket], Awaitable[object]]
+    payload: bytes, call: Callable[[IPVSSocket], Awaitable[object]]
 ) -> None:
     error = answered(
-        lambda seq: message(FAMILY_ID, seq, payload) + message(ipvs_wire.NLMSG_DONE, seq, b"\0" * 4), call
+        lambda seq: message(FAMILY_ID, seq, payload) + message(netlink_wire.NLMSG_DONE, seq, b"\0" * 4), call
     )
 
     assert isinstance(error, IPVSDumpError)

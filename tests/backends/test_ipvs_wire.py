@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pyroute2.netlink.generic.ipvs import ipvsmsg
 
-from aproxy.backends import ipvs_wire
+from aproxy.backends import ipvs_wire, netlink_wire
 from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
@@ -155,25 +155,6 @@ def test_request_matches_pyroute2_encoding(
     assert ours == _pyroute2_bytes(4242, command, attrs, ack=ack)
 
 
-def test_parse_acks_maps_each_error_to_its_sequence_number() -> None:
-    def error_message(seq: int, errno: int) -> bytes:
-        # NLMSG_ERROR: header, negative errno, then the header of the request it answers.
-        payload = struct.pack("=i", -errno) + struct.pack("=IHHII", 16, FAMILY_ID, 1, seq, 0)
-        return struct.pack("=IHHII", 16 + len(payload), 2, 0, seq, 0) + payload
-
-    done = struct.pack("=IHHII", 20, 3, 0, 9, 0) + b"\0\0\0\0"
-    data = error_message(7, 17) + done + error_message(8, 2) + error_message(9, 0)
-    assert list(ipvs_wire.parse_acks(data)) == [
-        ipvs_wire.Ack(seq=7, error=17),
-        ipvs_wire.Ack(seq=8, error=2),
-        ipvs_wire.Ack(seq=9, error=0),
-    ]
-
-
-def test_parse_acks_stops_at_a_corrupt_header() -> None:
-    assert list(ipvs_wire.parse_acks(struct.pack("=IHHII", 3, 2, 0, 1, 0) + b"\0" * 8)) == []
-
-
 # --- dump requests ------------------------------------------------------------------------------------------
 
 
@@ -210,7 +191,7 @@ def test_service_get_request_matches_pyroute2_encoding(key: VirtualServerKey) ->
 def test_service_get_request_is_not_a_dump() -> None:
     # NLM_F_DUMP would make the kernel ignore the key and send every virtual server.
     _length, _kind, flags, seq, _pid = struct.unpack_from("=IHHII", ipvs_wire.service_get_request(1, 80, V4))
-    assert (flags, seq) == (ipvs_wire.NLM_F_REQUEST, 80)
+    assert (flags, seq) == (netlink_wire.NLM_F_REQUEST, 80)
 
 
 # --- dump replies, in the kernel's layout -------------------------------------------------------------------
@@ -342,13 +323,14 @@ def noop() -> bytes:
 
 
 def services_of(data: bytes, seq: int | None = SEQ) -> list[ipvs_wire.DumpedService]:
-    return [ipvs_wire.decode_service(m) for m in ipvs_wire.parse_messages(data, seq) if m.kind == FAMILY_ID]
+    messages = netlink_wire.parse_messages(data, seq)
+    return [ipvs_wire.decode_service(m) for m in messages if m.kind == FAMILY_ID]
 
 
 def dests_of(data: bytes, service_family: int) -> list[ipvs_wire.DumpedDest]:
     return [
         ipvs_wire.decode_dest(m, service_family)
-        for m in ipvs_wire.parse_messages(data, SEQ)
+        for m in netlink_wire.parse_messages(data, SEQ)
         if m.kind == FAMILY_ID
     ]
 
@@ -475,15 +457,15 @@ def test_a_get_reply_is_one_service_message_without_done() -> None:
     # ip_vs_genl_get_cmd: one IPVS_CMD_NEW_SERVICE message, not flagged NLM_F_MULTI, and nothing after it.
     data = message(FAMILY_ID, genl(1, 1, SH_V6)[16:], SEQ, flags=0)
 
-    (reply,) = ipvs_wire.parse_messages(data, SEQ)
+    (reply,) = netlink_wire.parse_messages(data, SEQ)
 
     assert reply.kind == FAMILY_ID and reply.flags == 0
     assert ipvs_wire.decode_service(reply).address == ip_address("fd00:10:96::a")
 
 
 def test_a_get_of_a_missing_virtual_server_raises_esrch() -> None:
-    with pytest.raises(ipvs_wire.NetlinkErrorReply) as caught:
-        list(ipvs_wire.parse_messages(error(SEQ, errno.ESRCH), SEQ))
+    with pytest.raises(netlink_wire.NetlinkErrorReply) as caught:
+        list(netlink_wire.parse_messages(error(SEQ, errno.ESRCH), SEQ))
 
     assert caught.value.errno == errno.ESRCH
 
@@ -491,10 +473,10 @@ def test_a_get_of_a_missing_virtual_server_raises_esrch() -> None:
 def test_one_buffer_holds_many_services_and_ends_at_done() -> None:
     data = service_message(MH_PORT) + noop() + service_message(SH_V6) + done() + service_message(SCTP_RR)
 
-    kinds = [m.kind for m in ipvs_wire.parse_messages(data, SEQ)]
+    kinds = [m.kind for m in netlink_wire.parse_messages(data, SEQ)]
     services = services_of(data)
 
-    assert kinds == [FAMILY_ID, FAMILY_ID, ipvs_wire.NLMSG_DONE]  # NOOP passed over, nothing after DONE
+    assert kinds == [FAMILY_ID, FAMILY_ID, netlink_wire.NLMSG_DONE]  # NOOP passed over, nothing after DONE
     assert [s.port for s in services] == [53, 5353]
 
 
@@ -502,11 +484,11 @@ def test_a_dump_split_over_several_buffers_reads_as_one() -> None:
     first = service_message(MH_PORT) + service_message(SH_V6)
     second = service_message(SCTP_RR) + service_message(FWMARK) + done()
 
-    first_part = list(ipvs_wire.parse_messages(first, SEQ))
-    second_part = list(ipvs_wire.parse_messages(second, SEQ))
+    first_part = list(netlink_wire.parse_messages(first, SEQ))
+    second_part = list(netlink_wire.parse_messages(second, SEQ))
 
-    assert ipvs_wire.NLMSG_DONE not in {m.kind for m in first_part}  # the reader must receive again
-    assert second_part[-1].kind == ipvs_wire.NLMSG_DONE
+    assert netlink_wire.NLMSG_DONE not in {m.kind for m in first_part}  # the reader must receive again
+    assert second_part[-1].kind == netlink_wire.NLMSG_DONE
     assert [s.port for s in services_of(first) + services_of(second)] == [53, 5353, 9000, 0]
 
 
@@ -520,8 +502,8 @@ def test_replies_to_other_requests_are_passed_over_even_their_errors() -> None:
 def test_an_error_reply_raises_with_its_errno() -> None:
     data = error(SEQ, errno.EBUSY)
 
-    with pytest.raises(ipvs_wire.NetlinkErrorReply) as caught:
-        list(ipvs_wire.parse_messages(data, SEQ))
+    with pytest.raises(netlink_wire.NetlinkErrorReply) as caught:
+        list(netlink_wire.parse_messages(data, SEQ))
 
     assert caught.value.errno == errno.EBUSY and caught.value.seq == SEQ
     assert isinstance(caught.value, OSError)
@@ -530,16 +512,16 @@ def test_an_error_reply_raises_with_its_errno() -> None:
 def test_a_dump_that_ends_with_an_error_raises() -> None:
     data = service_message(MH_PORT) + done(error=errno.EMSGSIZE)
 
-    with pytest.raises(ipvs_wire.NetlinkErrorReply) as caught:
+    with pytest.raises(netlink_wire.NetlinkErrorReply) as caught:
         services_of(data)
 
     assert caught.value.errno == errno.EMSGSIZE
 
 
 def test_an_acknowledgement_is_yielded_not_raised() -> None:
-    (ack,) = ipvs_wire.parse_messages(error(SEQ, 0), SEQ)
+    (ack,) = netlink_wire.parse_messages(error(SEQ, 0), SEQ)
 
-    assert ack.kind == ipvs_wire.NLMSG_ERROR and ack.seq == SEQ
+    assert ack.kind == netlink_wire.NLMSG_ERROR and ack.seq == SEQ
 
 
 def _with_service_attribute(attributes: bytes) -> bytes:
@@ -598,14 +580,14 @@ GARBLED = [
 
 @pytest.mark.parametrize("data", GARBLED)
 def test_garbled_replies_raise_malformed_reply(data: bytes) -> None:
-    with pytest.raises(ipvs_wire.MalformedReply):
+    with pytest.raises(netlink_wire.MalformedReply):
         services_of(data, None)
 
 
 def test_garbled_dest_raises_malformed_reply() -> None:
     attributes = dest_attrs("10.244.1.5", 8053, 3, 2, 7, family=socket.AF_INET).replace(nla(4, u32(3)), b"")
 
-    with pytest.raises(ipvs_wire.MalformedReply):
+    with pytest.raises(netlink_wire.MalformedReply):
         dests_of(dest_message(attributes) + done(), socket.AF_INET)
 
 
@@ -616,7 +598,7 @@ VALID_DUMP = service_message(MH_PORT) + service_message(SH_V6) + service_message
 def test_a_dump_cut_anywhere_reads_its_whole_messages_or_raises_malformed_reply(cut: int) -> None:
     try:
         services = services_of(VALID_DUMP[:cut])
-    except ipvs_wire.MalformedReply:
+    except netlink_wire.MalformedReply:
         return
     assert services == services_of(VALID_DUMP)[: len(services)]
 
@@ -626,6 +608,6 @@ def test_bytes_garbled_anywhere_never_raise_anything_but_the_reply_errors(noise:
     data = VALID_DUMP[:at] + noise + VALID_DUMP[at + len(noise) :]
     try:
         services = services_of(data, None)
-    except (ipvs_wire.MalformedReply, ipvs_wire.NetlinkErrorReply):
+    except (netlink_wire.MalformedReply, netlink_wire.NetlinkErrorReply):
         return
     assert all(service.fwmark or service.address is not None for service in services)

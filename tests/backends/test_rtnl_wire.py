@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from pyroute2 import IPBatch
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
-from aproxy.backends import ipvs_wire, rtnl_wire
+from aproxy.backends import netlink_wire, rtnl_wire
 from aproxy.core.model import BindAddress, IPAddress, UnbindAddress
 
 SEQ = 41
@@ -285,7 +285,7 @@ def done(seq: int = SEQ) -> bytes:
 
 
 def decoded(data: bytes) -> list[rtnl_wire.DumpedAddress | None]:
-    return [rtnl_wire.decode_address(message) for message in ipvs_wire.parse_messages(data, SEQ)]
+    return [rtnl_wire.decode_address(message) for message in netlink_wire.parse_messages(data, SEQ)]
 
 
 def addresses_of(data: bytes) -> list[rtnl_wire.DumpedAddress]:
@@ -293,7 +293,7 @@ def addresses_of(data: bytes) -> list[rtnl_wire.DumpedAddress]:
 
 
 def one(data: bytes) -> rtnl_wire.DumpedAddress | None:
-    (message,) = ipvs_wire.parse_messages(data, SEQ)
+    (message,) = netlink_wire.parse_messages(data, SEQ)
     return rtnl_wire.decode_address(message)
 
 
@@ -472,7 +472,7 @@ GARBLED = [
 
 @pytest.mark.parametrize(("data", "reason"), GARBLED)
 def test_garbled_replies_raise_malformed_reply(data: bytes, reason: str) -> None:
-    with pytest.raises(ipvs_wire.MalformedReply, match=reason):
+    with pytest.raises(netlink_wire.MalformedReply, match=reason):
         decoded(data)
 
 
@@ -488,7 +488,7 @@ VALID_DUMP = (
 def test_a_dump_cut_anywhere_reads_its_whole_messages_or_raises_malformed_reply(cut: int) -> None:
     try:
         found = addresses_of(VALID_DUMP[:cut])
-    except ipvs_wire.MalformedReply:
+    except netlink_wire.MalformedReply:
         return
     assert found == addresses_of(VALID_DUMP)[: len(found)]
 
@@ -498,6 +498,6 @@ def test_bytes_garbled_anywhere_never_raise_anything_but_the_reply_errors(noise:
     data = VALID_DUMP[:at] + noise + VALID_DUMP[at + len(noise) :]
     try:
         found = addresses_of(data)
-    except (ipvs_wire.MalformedReply, ipvs_wire.NetlinkErrorReply):
+    except (netlink_wire.MalformedReply, netlink_wire.NetlinkErrorReply):
         return
     assert all(address.family in (socket.AF_INET, socket.AF_INET6) for address in found)

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 from pyroute2 import IPVS
 
-from aproxy.backends.ipvs import BatchSocket, IPVSBackend, IPVSSettings
+from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
+from aproxy.backends.ipvs_socket import IPVSSocket
 from tests.kernel import netlab
 from tests.kernel import run as guest
 from tests.kernel.opened import opened_backend
@@ -205,11 +206,11 @@ def backend(runner: asyncio.Runner, settings: IPVSSettings) -> Iterator[IPVSBack
 
 
 @pytest.fixture
-def raw_socket() -> Iterator[BatchSocket]:
+def raw_socket() -> Iterator[IPVSSocket]:
     """An IPVS socket of the code under test of its own, on the family id pyroute2 resolves."""
     with IPVS() as ipvs:
         family_id = ipvs.prid
-    sock = BatchSocket(family_id, IPVSSettings())
+    sock = IPVSSocket(family_id)
     try:
         yield sock
     finally:

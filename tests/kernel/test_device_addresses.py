@@ -26,7 +26,8 @@ import pytest
 from pyroute2 import IPRoute
 
 from aproxy.backends import rtnl_wire
-from aproxy.backends.ipvs import AddressSocket, IPVSBackend, IPVSSettings
+from aproxy.backends.address_socket import AddressSocket
+from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
 from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
@@ -70,7 +71,7 @@ def settings(tmp_path: Path) -> IPVSSettings:
 @pytest.fixture
 def reader() -> Iterator[AddressSocket]:
     """An address socket of the code under test of its own (the backend's is private)."""
-    created = AddressSocket(IPVSSettings())
+    created = AddressSocket()
     try:
         yield created
     finally:

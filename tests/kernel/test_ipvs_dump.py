@@ -1,4 +1,4 @@
-"""The hand-parsed IPVS dumps (ipvs_wire.py, ``BatchSocket.services``/``dests``) on a real kernel.
+"""The hand-parsed IPVS dumps (ipvs_wire.py, ``IPVSSocket.services``/``dests``) on a real kernel.
 
 One varied table (IPv4 and IPv6; TCP, UDP and SCTP; rr, wlc, lc, mh with mh-port, sh with sh-fallback
 and sh-port; persistence; weights 0 to 7; masquerade, route and tunnel forwarding; firewall-mark virtual
@@ -21,7 +21,8 @@ from pyroute2 import IPVS, IPVSService
 
 from aproxy.backends import ipvs_wire
 from aproxy.backends.base import RealServerConnections
-from aproxy.backends.ipvs import BatchSocket, IPVSBackend, IPVSSettings
+from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
+from aproxy.backends.ipvs_socket import IPVSSocket
 from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
@@ -205,9 +206,7 @@ def owned_state_as_pyroute2_reads_it(owned: set[VirtualServerKey], bound: set[IP
 
 
 @pytest.mark.usefixtures("varied_table")
-def test_raw_service_dump_reads_what_pyroute2_decodes(
-    runner: asyncio.Runner, raw_socket: BatchSocket
-) -> None:
+def test_raw_service_dump_reads_what_pyroute2_decodes(runner: asyncio.Runner, raw_socket: IPVSSocket) -> None:
     raw = runner.run(raw_socket.services())
 
     assert in_order(raw) == in_order(pyroute2_services())
@@ -216,7 +215,7 @@ def test_raw_service_dump_reads_what_pyroute2_decodes(
 
 
 def test_a_service_dump_over_many_receives_reads_every_virtual_server(
-    runner: asyncio.Runner, backend: IPVSBackend, raw_socket: BatchSocket
+    runner: asyncio.Runner, backend: IPVSBackend, raw_socket: IPVSSocket
 ) -> None:
     keys = [VirtualServerKey(TCP, ip_address("10.101.0.0") + index, 80) for index in range(MANY)]
     results = runner.run(backend.apply([AddVirtualServer(key, VirtualServerSpec("rr")) for key in keys]))
@@ -231,7 +230,7 @@ def test_a_service_dump_over_many_receives_reads_every_virtual_server(
 
 
 @pytest.mark.usefixtures("varied_table")
-def test_raw_dest_dumps_read_what_pyroute2_decodes(runner: asyncio.Runner, raw_socket: BatchSocket) -> None:
+def test_raw_dest_dumps_read_what_pyroute2_decodes(runner: asyncio.Runner, raw_socket: IPVSSocket) -> None:
     services = [service for service in runner.run(raw_socket.services()) if not service.fwmark]
 
     raw = {key_of(service): runner.run(raw_socket.dests(key_of(service))) for service in services}
@@ -246,7 +245,7 @@ def test_raw_dest_dumps_read_what_pyroute2_decodes(runner: asyncio.Runner, raw_s
 
 
 @pytest.mark.usefixtures("varied_table")
-def test_raw_dumps_agree_with_ipvsadm(runner: asyncio.Runner, raw_socket: BatchSocket) -> None:
+def test_raw_dumps_agree_with_ipvsadm(runner: asyncio.Runner, raw_socket: IPVSSocket) -> None:
     services = runner.run(raw_socket.services())
     table = netlab.read_ipvs()
 

@@ -12,7 +12,7 @@ backend's ``netlink_dumps_sent`` and ``netlink_gets_sent``; the kernel's final s
   dump (it is read as absent), and the next sync adds it back whole.
 - ``read`` leaves out a foreign virtual server (not asked about at all), as ``dump`` does, and reads the
   ownership of a NodePort-like one from the record.
-- ``BatchSocket.service`` reads each virtual server as the service dump does, IPv6 and SCTP included.
+- ``IPVSSocket.service`` reads each virtual server as the service dump does, IPv6 and SCTP included.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from aproxy.backends.ipvs import BatchSocket, IPVSBackend, IPVSSettings
+from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
+from aproxy.backends.ipvs_socket import IPVSSocket
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import (
     AddRealServer,
@@ -216,7 +217,7 @@ def test_a_virtual_server_deleted_behind_its_back_is_read_as_absent_and_added_ba
     assert kernel_view() == desired_view(protocol, grown)
 
 
-# --- IPVSBackend.read and BatchSocket.service ---------------------------------------------------------------
+# --- IPVSBackend.read and IPVSSocket.service ----------------------------------------------------------------
 
 BOUND = ip_address("10.96.5.1")
 UNBOUND = ip_address("10.96.5.2")
@@ -267,7 +268,7 @@ def test_read_leaves_out_a_foreign_virtual_server_and_asks_only_about_owned_ones
 
 
 def test_a_get_reads_each_virtual_server_as_the_service_dump_does(
-    runner: asyncio.Runner, backend: IPVSBackend, raw_socket: BatchSocket
+    runner: asyncio.Runner, backend: IPVSBackend, raw_socket: IPVSSocket
 ) -> None:
     results = runner.run(backend.apply(table_operations()))
     assert all(result.ok for result in results), [result for result in results if not result.ok]
