@@ -42,7 +42,7 @@ class Settings:
     audit_period: float = 60.0
     drain_check_period: float = 5.0
     drain_grace_period: float = DEFAULT_GRACE_PERIOD
-    # How often a kubeconfig's token is re-read (exec plugin, tokenFile: aproxy/sources/credentials.py).
+    # How often a kubeconfig's token is re-read (exec plugin, tokenFile: aproxy/sources/kube/config.py).
     credential_renewal_period: float = 60.0
     # The backoff of every retry loop: a failed sync, the Node read.
     retry: RetryPolicy = field(default_factory=RetryPolicy)
