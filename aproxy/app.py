@@ -298,9 +298,14 @@ def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Even
         log.info("stopping", extra={"signal": signum.name})
         stop.set()
 
+    def ignoring(signum: signal.Signals) -> None:
+        # A closed terminal, or an operator used to daemons that reload on SIGHUP: aproxy follows its sources
+        # by itself, and ending (the default action, status 129) would only drop its health endpoints.
+        log.warning("ignored: aproxy reloads nothing on this signal", extra={"signal": signum.name})
+
     handled = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping, signum)
+    for signum, handler in ((signal.SIGTERM, stopping), (signal.SIGINT, stopping), (signal.SIGHUP, ignoring)):
+        loop.add_signal_handler(signum, handler, signum)
         handled.append(signum)
     return handled
 
