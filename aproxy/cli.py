@@ -22,7 +22,7 @@ from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, operation_to_dict
 from aproxy.core.translate import TranslationContext
-from aproxy.settings import Settings, SettingsError
+from aproxy.settings import Settings, SettingsError, period_floor_problems
 from aproxy.sources.manifest import ManifestError, load_manifests
 from aproxy.syncer import Syncer, SyncReport, desired_all, log_skips
 from aproxy.web.server import ListenAddress, ListenAddressError
@@ -353,6 +353,12 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    floors = period_floor_problems(
+        {"audit_period": args.audit_period, "drain_check_period": args.drain_check_period}
+    )
+    if floors:
+        print(f"aproxy run: {'; '.join(floors)}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         settings = Settings(
             node_name=args.node_name,
