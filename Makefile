@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the kernel test tier and the IPVS backend need (installed only when root and missing).
 APT_PACKAGES := user-mode-linux kmod ipvsadm iproute2 iptables conntrack ipset procps python3-venv
 
-.PHONY: install run test lint types contracts pytest kernel-test bench lock clean
+.PHONY: install run plan test lint types contracts pytest kernel-test bench lock clean
 
 install: $(STAMP)
 
@@ -24,12 +24,17 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# The main job: aproxy programming a real IPVS kernel (a user-mode Linux guest), narrated (demo/run.py).
 run: install
+	$(BIN)/python demo/run.py
+
+# What aproxy would program for the bundled example on node-a, without touching any kernel.
+plan: install
 	$(BIN)/aproxy plan --source examples/cluster.yaml --node-name node-a --node-ip 192.0.2.10 --output text
 
 lint: install
-	$(BIN)/ruff check aproxy tests bench
-	$(BIN)/ruff format --check aproxy tests bench
+	$(BIN)/ruff check aproxy tests bench demo
+	$(BIN)/ruff format --check aproxy tests bench demo
 
 types: install
 	$(BIN)/mypy

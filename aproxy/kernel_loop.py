@@ -220,8 +220,11 @@ class KernelLoop:
         self._after_repair("drain", syncer, report)
 
     def _after_repair(self, kind: str, syncer: Syncer, report: SyncReport | None) -> None:
-        if report is not None and report.ok:
-            return
+        if report is not None:
+            # An audit's repairs and a drain check's deletions are kernel changes like a sync's: logged alike.
+            _log_report(report, self.stats.retry_delay)
+            if report.ok:
+                return
         self.stats.failures[kind] += 1
         if syncer.pending_retries:
             self._request()  # the services it failed for are retried by the sync loop, with its backoff

@@ -92,16 +92,23 @@ export HOME="$SCRATCH" TMPDIR="$SCRATCH"
 # No __pycache__ written into the host's checkout from inside the guest.
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 
-# pytest's arguments, one a line, from run.py (its own options, the junit XML path, the tests to run).
+# What to run, one argument a line, from run.py: pytest's arguments (its own options, the junit XML path, the
+# tests to run) in pytest.args, or a whole command line in program.args (`make run`'s demo).
 set --
+if [ -f "$RUN_DIR/program.args" ]; then
+    ARGS="$RUN_DIR/program.args" OUTPUT="$RUN_DIR/program.log"
+else
+    ARGS="$RUN_DIR/pytest.args" OUTPUT="$RUN_DIR/pytest.log"
+    set -- "$APROXY_REPO/.venv/bin/pytest"
+fi
 while IFS= read -r arg; do
     set -- "$@" "$arg"
-done <"$RUN_DIR/pytest.args"
+done <"$ARGS"
 
 cd "$APROXY_REPO" || finish
-log "running pytest $*"
-"$APROXY_REPO/.venv/bin/pytest" "$@" >"$RUN_DIR/pytest.log" 2>&1
+log "running $*"
+"$@" >"$OUTPUT" 2>&1
 code=$?
-log "pytest exited with $code"
+log "exited with $code"
 echo "$code" >"$RUN_DIR/exit-code.tmp" && mv "$RUN_DIR/exit-code.tmp" "$RUN_DIR/exit-code"
 finish

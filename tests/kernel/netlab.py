@@ -473,14 +473,20 @@ class Lab:
         self.close()
 
     def add_pod(
-        self, name: str, *, tcp_ports: Sequence[int] = (ECHO_PORT,), udp_ports: Sequence[int] = (ECHO_PORT,)
+        self,
+        name: str,
+        *,
+        tcp_ports: Sequence[int] = (ECHO_PORT,),
+        udp_ports: Sequence[int] = (ECHO_PORT,),
+        address: IPv4Address | None = None,
     ) -> Namespace:
-        """A pod namespace running echo servers on the given ports (both address families)."""
+        """A pod namespace running echo servers on the given ports (both address families). ``address``: a
+        fixed IPv4 address (``make run`` gives pods the example manifest's), else the next free one."""
         _check_name(name)
         index = next(_POD_NUMBERS)
         pod = Namespace(
             name=name,
-            address=POD_FIRST + index,
+            address=address or POD_FIRST + index,
             address6=POD_FIRST6 + index,
             host_interface=f"vh-{name}",
             tcp_ports=tuple(tcp_ports),

@@ -213,8 +213,16 @@ def new_run_dir() -> tuple[str, Path]:
     return umid, run_dir
 
 
-def write_guest_files(run_dir: Path, pytest_args: Sequence[str], selected: Collection[str] | None) -> Path:
-    """The init script (a private executable copy: git may not keep the source's mode) and its inputs."""
+def write_guest_files(
+    run_dir: Path,
+    pytest_args: Sequence[str],
+    selected: Collection[str] | None,
+    program: Sequence[str] | None = None,
+) -> Path:
+    """The init script (a private executable copy: git may not keep the source's mode) and its inputs.
+
+    ``program``: a whole command line to run instead of pytest (``make run``'s demo), in program.args; its
+    output goes to program.log."""
     if any(char.isspace() for char in str(run_dir)):
         raise GuestError(
             f"the run folder {run_dir} contains whitespace, which the kernel command line cannot carry"
@@ -227,10 +235,14 @@ def write_guest_files(run_dir: Path, pytest_args: Sequence[str], selected: Colle
         (run_dir / "selected").write_text("".join(f"{nodeid}\n" for nodeid in sorted(selected)))
         env[SELECTED_ENV] = str(run_dir / "selected")
     (run_dir / "guest.env").write_text("".join(f"{key}={shlex.quote(value)}\n" for key, value in env.items()))
-    args = [*GUEST_PYTEST_OPTIONS, f"--junitxml={run_dir / 'junit.xml'}", *pytest_args]
+    if program is None:
+        name = "pytest.args"
+        args = [*GUEST_PYTEST_OPTIONS, f"--junitxml={run_dir / 'junit.xml'}", *pytest_args]
+    else:
+        name, args = "program.args", list(program)
     if any("\n" in arg for arg in args):
-        raise GuestError(f"a pytest argument contains a line break, which pytest.args cannot carry: {args}")
-    (run_dir / "pytest.args").write_text("".join(f"{arg}\n" for arg in args))
+        raise GuestError(f"an argument contains a line break, which {name} cannot carry: {args}")
+    (run_dir / name).write_text("".join(f"{arg}\n" for arg in args))
     return init
 
 
@@ -264,9 +276,9 @@ def run_guest(
     prune_old_runs()
     umid, run_dir = new_run_dir()
     init = write_guest_files(run_dir, pytest_args, selected)
-    error = _boot(boot_command(settings, umid, init), run_dir, settings.timeout)
+    error = boot_guest(boot_command(settings, umid, init), run_dir, settings.timeout)
     shutil.rmtree(BUILD_DIR / "umldir" / umid, ignore_errors=True)
-    exit_code = _read_exit_code(run_dir)
+    exit_code = read_exit_code(run_dir)
     if error is None and exit_code is None:
         error = "the guest powered off without writing pytest's exit code"
     results: dict[str, CaseResult] = {}
@@ -286,7 +298,7 @@ def run_guest(
     )
 
 
-def _boot(command: list[str], run_dir: Path, timeout: float) -> str | None:
+def boot_guest(command: list[str], run_dir: Path, timeout: float) -> str | None:
     """Run the guest to completion; the error text when it failed or overran, else None."""
     with (run_dir / "console.log").open("wb") as console:
         (run_dir / "boot-started").write_text(f"{time.time():.3f}\n")
@@ -309,7 +321,7 @@ def _boot(command: list[str], run_dir: Path, timeout: float) -> str | None:
     return None
 
 
-def _read_exit_code(run_dir: Path) -> int | None:
+def read_exit_code(run_dir: Path) -> int | None:
     path = run_dir / "exit-code"
     try:
         return int(path.read_text().strip())
