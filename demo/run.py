@@ -10,10 +10,7 @@ Exit status: the scenario's (0 when the story ran to its end), or 1 when the gue
 
 from __future__ import annotations
 
-import shutil
 import sys
-import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,53 +19,22 @@ sys.path.insert(0, str(ROOT))
 from demo import scenario  # noqa: E402 - after the checkout is on the path
 from tests.kernel import run as guest  # noqa: E402
 
-POLL = 0.1  # seconds between reads of the narration while the guest runs
-
-
-def follow(path: Path, done: threading.Event) -> None:
-    """Print what is appended to ``path`` until ``done`` is set and nothing more comes."""
-    position = 0
-    while True:
-        finished = done.is_set()
-        if path.exists():
-            with path.open("rb") as narration:
-                narration.seek(position)
-                chunk = narration.read()
-            # Only whole lines: the guest may be in the middle of writing one.
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            if complete:
-                sys.stdout.write(complete.decode(errors="replace"))
-                sys.stdout.flush()
-                position += len(complete)
-        if finished:
-            return
-        time.sleep(POLL)
-
 
 def in_guest(settings: guest.Settings) -> int:
     print(f"make run: booting user-mode Linux ({settings.uml}) with IPVS; the story follows", flush=True)
-    guest.prepare_modules(settings)
-    guest.prune_old_runs()
-    umid, run_dir = guest.new_run_dir()
-    narration = run_dir / "narration.log"
-    program = [str(ROOT / ".venv" / "bin" / "python"), "-m", "demo.scenario", "--narration", str(narration)]
-    init = guest.write_guest_files(run_dir, (), None, program=program)
-    done = threading.Event()
-    reader = threading.Thread(target=follow, args=(narration, done), daemon=True)
-    reader.start()
-    try:
-        error = guest.boot_guest(guest.boot_command(settings, umid, init), run_dir, settings.timeout)
-    finally:
-        done.set()
-        reader.join()
-        shutil.rmtree(guest.BUILD_DIR / "umldir" / umid, ignore_errors=True)
-    code = guest.read_exit_code(run_dir)
-    if error is not None or code is None:
-        print(f"make run: the guest failed: {error or 'no exit code'}; logs in {run_dir}", file=sys.stderr)
+    python = str(ROOT / ".venv" / "bin" / "python")
+
+    def program(run_dir: Path) -> list[str]:
+        return [python, "-m", "demo.scenario", "--narration", str(run_dir / "narration.log")]
+
+    run = guest.run_program(settings, program)
+    if run.error is not None or run.exit_code is None:
+        print(f"make run: the guest failed: {run.error}; logs in {run.run_dir}", file=sys.stderr)
         return 1
-    if code != 0:
-        print(f"make run: the story stopped early (exit {code}); logs in {run_dir}", file=sys.stderr)
-    return code
+    if run.exit_code != 0:
+        stopped = f"the story stopped early (exit {run.exit_code}); logs in {run.run_dir}"
+        print(f"make run: {stopped}", file=sys.stderr)
+    return run.exit_code
 
 
 def main() -> int:

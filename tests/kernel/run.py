@@ -33,9 +33,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,6 +297,59 @@ def run_guest(
         total_seconds=time.monotonic() - started,
         error=error,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ProgramRun:
+    """What ``run_program`` left: the run folder (logs), the program's exit code, why the guest failed."""
+
+    run_dir: Path
+    exit_code: int | None
+    error: str | None
+
+
+def run_program(
+    settings: Settings, program: Callable[[Path], Sequence[str]], live: str = "narration.log"
+) -> ProgramRun:
+    """Boot the guest once and run ``program(run_dir)`` (a command line) in it instead of pytest, copying
+    what it appends to ``run_dir/live`` (written and synced line by line) to standard output as it comes:
+    ``make run``'s demo and bench/e2e.py."""
+    prepare_modules(settings)
+    prune_old_runs()
+    umid, run_dir = new_run_dir()
+    init = write_guest_files(run_dir, (), None, program=program(run_dir))
+    done = threading.Event()
+    reader = threading.Thread(target=_follow, args=(run_dir / live, done), daemon=True)
+    reader.start()
+    try:
+        error = boot_guest(boot_command(settings, umid, init), run_dir, settings.timeout)
+    finally:
+        done.set()
+        reader.join()
+        shutil.rmtree(BUILD_DIR / "umldir" / umid, ignore_errors=True)
+    exit_code = read_exit_code(run_dir)
+    if error is None and exit_code is None:
+        error = "the guest powered off without writing the program's exit code"
+    return ProgramRun(run_dir, exit_code, error)
+
+
+def _follow(path: Path, done: threading.Event, poll: float = 0.1) -> None:
+    """Print what is appended to ``path`` until ``done`` is set and nothing more comes."""
+    position = 0
+    while True:
+        finished = done.is_set()
+        if path.exists():
+            with path.open("rb") as growing:
+                growing.seek(position)
+                chunk = growing.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]  # only whole lines: the guest may be mid-line
+            if complete:
+                sys.stdout.write(complete.decode(errors="replace"))
+                sys.stdout.flush()
+                position += len(complete)
+        if finished:
+            return
+        time.sleep(poll)
 
 
 def boot_guest(command: list[str], run_dir: Path, timeout: float) -> str | None:
