@@ -158,37 +158,24 @@ def test_the_node_tools_are_there_with_kube_proxys_iptables_choice(rootfs: Path)
     assert not list((rootfs / "opt" / "aproxy").glob("lib/python3*/site-packages/pip"))
 
 
-def test_plan_on_the_bundled_example(rootfs: Path) -> None:
+def on_the_example(rootfs: Path, command: str) -> list[str]:
+    """``aproxy COMMAND`` in the image, on the bundled example copied into it, as node-a."""
     shutil.copy(ROOT / "examples" / "cluster.yaml", rootfs / "tmp" / "cluster.yaml")
-    done = run(
-        *entrypoint(rootfs),
-        "plan",
-        "--source",
-        "/tmp/cluster.yaml",
-        "--node-name",
-        "node-a",
-        "--node-ip",
-        "192.0.2.10",
-        "--output",
-        "text",
-    )
+    node = ["--node-name", "node-a", "--node-ip", "192.0.2.10"]
+    return [*entrypoint(rootfs), command, "--source", "/tmp/cluster.yaml", *node]
+
+
+def test_plan_on_the_bundled_example(rootfs: Path) -> None:
+    done = run(*on_the_example(rootfs, "plan"), "--output", "text")
     assert "10.96.0.10:53" in done.stdout
 
 
 def test_run_dry_run_answers_healthz(rootfs: Path) -> None:
-    shutil.copy(ROOT / "examples" / "cluster.yaml", rootfs / "tmp" / "cluster.yaml")
     healthz, metrics = free_port(), free_port()
     command = [
-        *entrypoint(rootfs),
-        "run",
+        *on_the_example(rootfs, "run"),
         "--backend",
         "dry-run",
-        "--source",
-        "/tmp/cluster.yaml",
-        "--node-name",
-        "node-a",
-        "--node-ip",
-        "192.0.2.10",
         "--healthz-bind-address",
         f"127.0.0.1:{healthz}",
         "--metrics-bind-address",
