@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the kernel test tier and the IPVS backend need (installed only when root and missing).
 APT_PACKAGES := user-mode-linux kmod ipvsadm iproute2 iptables conntrack ipset procps python3-venv
 
-.PHONY: install run plan test lint types contracts pytest kernel-test bench lock clean
+.PHONY: install run plan test lint types contracts pytest kernel-test bench lock clean image
 
 install: $(STAMP)
 
@@ -53,6 +53,15 @@ kernel-test: install
 bench: install
 	$(BIN)/python bench/core.py
 
+# The node image (Dockerfile) with podman or docker, whichever is installed. BASE=IMAGE overrides the base
+# (for example one built from Debian's packages where no registry can be reached: see tests/image).
+IMAGE ?= aproxy:latest
+BUILDER ?= $(shell command -v podman || command -v docker)
+
+image:
+	@test -n "$(BUILDER)" || { echo "make image: install podman or docker"; exit 1; }
+	$(BUILDER) build $(if $(BASE),--build-arg BASE=$(BASE)) -t $(IMAGE) .
+
 # Regenerate the lock file after changing pyproject.toml's pins. It carries pins and hashes only, resolved on
 # the public index: no pip configuration of the machine that runs this (config files, PIP_* index, find-links
 # and constraint variables) may add a package source to the resolution or write one into the file.
@@ -63,6 +72,9 @@ lock:
 	$(LOCK_ENV) $(BIN)/pip install -q pip-tools==7.6.2
 	$(LOCK_ENV) $(BIN)/pip-compile -q --extra dev --generate-hashes --strip-extras --no-emit-index-url \
 		--no-emit-find-links -o requirements.lock pyproject.toml
+	# The image's lock: the runtime dependencies only, at the versions (and hashes) of requirements.lock.
+	$(LOCK_ENV) $(BIN)/pip-compile -q --generate-hashes --strip-extras --no-emit-index-url \
+		--no-emit-find-links -c requirements.lock -o requirements-runtime.lock pyproject.toml
 
 clean:
 	rm -rf $(VENV) build .mypy_cache .pytest_cache .ruff_cache

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
 import ipaddress
 import logging
 import math
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -18,7 +21,9 @@ import uvloop
 from aproxy import app, logs, render
 from aproxy.backends.base import Backend
 from aproxy.backends.ipvs import IPVSBackend, IPVSSettings, IPVSUnavailable, check_device_name
+from aproxy.backends.ipvs_wire import IPVSTimeouts
 from aproxy.backends.memory import MemoryBackend
+from aproxy.config_file import ConfigFileError, load_config_files
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, operation_to_dict
 from aproxy.core.translate import TranslationContext
@@ -60,7 +65,12 @@ def _add_node_options(parser: argparse.ArgumentParser, *, source_required: bool 
         help="Kubernetes manifests (YAML or JSON: Service, EndpointSlice, List); a directory means its "
         "*.yaml, *.yml and *.json files; repeatable",
     )
-    parser.add_argument("--node-name", required=True, help="this node's name (for traffic policy Local)")
+    parser.add_argument(
+        "--node-name",
+        "--hostname-override",
+        default=None,
+        help="this node's name (for traffic policy Local; default: the host name, as kube-proxy's)",
+    )
     parser.add_argument(
         "--node-ip",
         action="append",
@@ -99,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aproxy", description="An incremental Kubernetes service proxy that programs Linux IPVS."
     )
+    parser.add_argument("--version", action="version", version=f"aproxy {_version()}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="logfmt", choices=["logfmt", "json"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -169,6 +180,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     _add_cluster_options(run, kubeconfig_help="kubeconfig file (instead of --source)")
     _add_kernel_options(run)
     _add_backend_option(run, dry_run_table="an in-memory table")
+    _add_kube_proxy_options(run)
     periods = (
         ("--min-sync-period", defaults.min_sync_period, "shortest time between two syncs"),
         ("--sync-period", defaults.sync_period, "longest time without a sync; /healthz fails after twice it"),
@@ -353,6 +365,8 @@ def _sync(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.cleanup:
+        return _cleanup(args)
     floors = period_floor_problems(
         {"audit_period": args.audit_period, "drain_check_period": args.drain_check_period}
     )
@@ -374,7 +388,7 @@ def _run(args: argparse.Namespace) -> int:
             drain_check_period=args.drain_check_period,
             drain_grace_period=args.drain_grace_period,
             backend=args.backend,
-            ipvs=_settings(args),
+            ipvs=_kube_proxy_ipvs_settings(args, _settings(args)),
             healthz_address=args.healthz_bind_address,
             metrics_address=args.metrics_bind_address,
         )
@@ -396,7 +410,14 @@ def _cleanup(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        config_warnings = _apply_config_files(args, sys.argv[1:] if argv is None else argv)
+    except (ConfigFileError, ManifestError) as exc:
+        print(f"aproxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     logs.configure(args.log_level, args.log_format)
+    for warning in config_warnings:
+        log.warning(warning)
     try:
         return int(args.handler(args))
     except ManifestError as exc:
@@ -405,6 +426,117 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IPVSUnavailable as exc:
         print(f"aproxy: {exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+# --- kube-proxy's interface: --config, its flag spellings --------------------------------------------------
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("aproxy")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def _add_kube_proxy_options(run: argparse.ArgumentParser) -> None:
+    """kube-proxy's flags where aproxy does the same thing (its other spellings are on the options
+    themselves: --hostname-override, --kubeconfig, --master, --ipvs-scheduler, the bind addresses)."""
+    run.add_argument(
+        "--config",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="FILE",
+        help="a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1, as in kubeadm's kube-proxy "
+        "ConfigMap) and/or an AproxyConfiguration (aproxy.io/v1alpha1); repeatable; flags override it",
+    )
+    # Aliases: SUPPRESS keeps them from overwriting the default their twin sets.
+    for alias, dest in (("--ipvs-sync-period", "sync_period"), ("--ipvs-min-sync-period", "min_sync_period")):
+        run.add_argument(
+            alias,
+            dest=dest,
+            type=_duration,
+            default=argparse.SUPPRESS,
+            metavar="DURATION",
+            help=f"kube-proxy's name for --{dest.replace('_', '-')}",
+        )
+    for flag, what in (
+        ("--ipvs-tcp-timeout", "idle TCP connections"),
+        ("--ipvs-tcpfin-timeout", "TCP connections after a FIN"),
+        ("--ipvs-udp-timeout", "UDP flows"),
+    ):
+        run.add_argument(
+            flag,
+            type=_duration,
+            default=0.0,
+            metavar="DURATION",
+            help=f"IPVS's timeout for {what}, set at start like `ipvsadm --set` (0, the default: unchanged)",
+        )
+    run.add_argument(
+        "--proxy-mode", choices=["ipvs"], default="ipvs", help="kube-proxy's mode: only ipvs (the default)"
+    )
+    run.add_argument(
+        "--cleanup", action="store_true", help="as `aproxy cleanup`: remove what aproxy owns and exit"
+    )
+    run.add_argument(
+        "-v",
+        "--v",
+        dest="verbosity",
+        type=int,
+        default=0,
+        metavar="N",
+        help="kube-proxy's log verbosity: 4 or more logs at debug level (unless --log-level is given)",
+    )
+
+
+def _explicit_dests(argv: Sequence[str]) -> set[str]:
+    """The options given on the command line (their dests): the parser again, every default suppressed."""
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        current = parsers.pop()
+        for action in current._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    return set(vars(parser.parse_args(argv)))
+
+
+def _apply_config_files(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
+    """Precedence flag > file > default: the files' values replace the options not given. Returns the
+    files' warnings (logged once logging is configured). Raises ConfigFileError, ManifestError."""
+    warnings: list[str] = []
+    explicit = _explicit_dests(argv)
+    if getattr(args, "config", None):
+        config = load_config_files(args.config)
+        warnings.extend(config.warnings)
+        for dest, value in config.values.items():
+            if dest not in explicit:
+                setattr(args, dest, value)
+    if getattr(args, "verbosity", 0) >= 4 and "log_level" not in explicit:
+        args.log_level = "debug"
+    if hasattr(args, "node_name") and not args.node_name:
+        # kube-proxy's default: the host name, lower-cased (as the kubelet registers the Node).
+        args.node_name = socket.gethostname().lower()
+    return warnings
+
+
+def _kube_proxy_ipvs_settings(args: argparse.Namespace, ipvs: IPVSSettings) -> IPVSSettings:
+    """The backend settings only the config file (or kube-proxy's flags) set."""
+    try:
+        timeouts = IPVSTimeouts(args.ipvs_tcp_timeout, args.ipvs_tcpfin_timeout, args.ipvs_udp_timeout)
+    except ValueError as exc:
+        raise SettingsError(f"--ipvs-*-timeout: {exc}") from None
+    changes: dict[str, object] = {"timeouts": timeouts}
+    for dest, field in (
+        ("ipvs_strict_arp", "strict_arp"),
+        ("masquerade_all", "masquerade_all"),
+        ("cluster_cidr", "cluster_cidrs"),
+    ):
+        if hasattr(args, dest):
+            value = getattr(args, dest)
+            changes[field] = tuple(value) if isinstance(value, list) else value
+    return dataclasses.replace(ipvs, **changes)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

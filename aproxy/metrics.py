@@ -1,20 +1,24 @@
 """The daemon's Prometheus metrics, in a private registry (importing aproxy never touches the global one).
 
-Names follow kube-proxy's (``kubeproxy_*`` becomes ``aproxy_*``) where the meaning is the same, so existing
-dashboards need only the prefix changed. Only the sync duration histograms are observed as they happen;
+kube-proxy's exact names (``kubeproxy_*``, ``rest_client_*``) where the meaning is the same, so the dashboards
+and alerts operators run for kube-proxy keep working; ``aproxy_*`` for aproxy's own. No metric is exported
+under two names. Only the sync duration histograms are observed as they happen;
 everything else is read from the live objects when scraped (``_LiveCollector``): the tracker's change and
 skip counts, the syncer's operation counters, the sources' counters. The counts live in one place and cannot
 drift from what the code did.
 
 Metrics:
 
-- ``aproxy_sync_proxy_rules_duration_seconds`` (histogram, 1 ms x 2^k, 15 buckets): start-up and incremental
-  sync passes. ``aproxy_audit_duration_seconds`` (same buckets): the periodic full comparison.
-- ``aproxy_sync_proxy_rules_last_timestamp_seconds``: wall-clock time of the last successful sync;
-  ``aproxy_sync_proxy_rules_last_queued_timestamp_seconds``: of the last change queued for a sync.
-- ``aproxy_sync_proxy_rules_service_changes_total`` / ``_endpoint_changes_total``: Service and EndpointSlice
-  events that changed what a service translates to; ``aproxy_sync_proxy_rules_changes_pending``: services
-  changed and not yet taken by a sync.
+- ``kubeproxy_sync_proxy_rules_duration_seconds`` (histogram, 1 ms x 2^k, 15 buckets): start-up and
+  incremental sync passes. ``aproxy_audit_duration_seconds`` (same buckets): the periodic full comparison.
+- ``kubeproxy_sync_proxy_rules_last_timestamp_seconds``: wall-clock time of the last successful sync;
+  ``kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds``: of the last change queued for a sync.
+- ``kubeproxy_sync_proxy_rules_service_changes_total`` / ``_endpoint_changes_total``: Service and
+  EndpointSlice events that changed what a service translates to;
+  ``aproxy_sync_proxy_rules_changes_pending``: services changed and not yet taken by a sync (kube-proxy
+  counts pending Service and endpoint changes apart: not the same meaning, so aproxy's name).
+- ``rest_client_requests_total{code,method,host}`` and ``rest_client_request_duration_seconds{verb,url}``
+  (client-go's buckets): the Kubernetes API client's requests, when the source keeps ``request_stats``.
 - ``aproxy_sync_passes_total{kind}`` and ``aproxy_sync_failures_total{kind}`` (kind: start, sync, audit,
   drain; a failure is a pass with a refused operation or one that could not reach the kernel at all);
   ``aproxy_sync_retry_delay_seconds``: the backoff before the next retry (0 when the last sync succeeded).
@@ -27,6 +31,7 @@ Metrics:
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Final
@@ -38,15 +43,19 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from aproxy.core.changes import ChangeTracker
 from aproxy.kernel_loop import LoopStats
 from aproxy.syncer import Syncer
 
 PREFIX: Final = "aproxy"
+# kube-proxy's prefix, for the metrics that mean what kube-proxy's mean.
+KUBE_PROXY: Final = "kubeproxy"
 # kube-proxy's buckets: 1 ms x 2^k, 15 of them (up to ~16 s).
 DURATION_BUCKETS: Final = tuple(0.001 * 2**k for k in range(15))
+# client-go's, as aproxy.sources.kube.requests counts them (metrics must not import the Kubernetes source).
+REST_CLIENT_BUCKETS: Final = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 
 # Counters a source may keep as plain attributes: (attribute, metric name without prefix, help, label).
 # An int attribute becomes one sample; a Counter (or any str -> int mapping) one sample per key, under label.
@@ -84,7 +93,7 @@ class DaemonMetrics:
     ) -> None:
         self.registry = CollectorRegistry()
         self.sync_duration = Histogram(
-            f"{PREFIX}_sync_proxy_rules_duration_seconds",
+            f"{KUBE_PROXY}_sync_proxy_rules_duration_seconds",
             "Duration of a sync pass (start-up or incremental): translate, plan, apply.",
             buckets=DURATION_BUCKETS,
             registry=self.registry,
@@ -122,6 +131,7 @@ class _LiveCollector:
         yield from self._loop_metrics()
         yield from self._syncer_metrics(self._syncer())
         yield from source_metrics(self._source())
+        yield from rest_client_metrics(self._source())
 
     def _tracker_metrics(self) -> Iterator[Metric]:
         tracker = self._tracker
@@ -129,11 +139,13 @@ class _LiveCollector:
             "sync_proxy_rules_service_changes",
             "Service events that changed what a service translates to.",
             tracker.service_changes_total,
+            prefix=KUBE_PROXY,
         )
         yield _counter(
             "sync_proxy_rules_endpoint_changes",
             "EndpointSlice events that changed what a service translates to.",
             tracker.slice_changes_total,
+            prefix=KUBE_PROXY,
         )
         yield _gauge(
             "sync_proxy_rules_changes_pending",
@@ -155,11 +167,13 @@ class _LiveCollector:
             "sync_proxy_rules_last_timestamp_seconds",
             "Wall-clock time of the last successful sync (0: none yet).",
             stats.last_sync_wall or 0.0,
+            prefix=KUBE_PROXY,
         )
         yield _gauge(
             "sync_proxy_rules_last_queued_timestamp_seconds",
             "Wall-clock time of the last change queued for a sync (0: none yet).",
             stats.last_queued_wall or 0.0,
+            prefix=KUBE_PROXY,
         )
         yield _labelled_counter(
             "sync_failures",
@@ -215,12 +229,37 @@ def source_metrics(source: object) -> Iterator[Metric]:
             yield _counter(name, help_text, value)
 
 
-def _counter(name: str, help_text: str, value: float) -> Metric:
-    return CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
+def rest_client_metrics(source: object) -> Iterator[Metric]:
+    """client-go's ``rest_client_*`` from the source's ``request_stats`` (the Kubernetes source's)."""
+    stats = getattr(source, "request_stats", None)
+    if stats is None:
+        return
+    requests = CounterMetricFamily(
+        "rest_client_requests",
+        "Number of HTTP requests, partitioned by status code, method, and host.",
+        labels=["code", "method", "host"],
+    )
+    for labels, count in sorted(stats.requests.items()):
+        requests.add_metric(list(labels), count)
+    yield requests
+    durations = HistogramMetricFamily(
+        "rest_client_request_duration_seconds",
+        "Request latency in seconds. Broken down by verb, and URL.",
+        labels=["verb", "url"],
+    )
+    for labels, histogram in sorted(stats.durations.items()):
+        cumulative = list(itertools.accumulate(histogram.buckets))
+        bounds = [*(f"{bound:g}" for bound in REST_CLIENT_BUCKETS), "+Inf"]
+        durations.add_metric(list(labels), list(zip(bounds, cumulative, strict=True)), histogram.total)
+    yield durations
 
 
-def _gauge(name: str, help_text: str, value: float) -> Metric:
-    return GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=value)
+def _counter(name: str, help_text: str, value: float, *, prefix: str = PREFIX) -> Metric:
+    return CounterMetricFamily(f"{prefix}_{name}", help_text, value=value)
+
+
+def _gauge(name: str, help_text: str, value: float, *, prefix: str = PREFIX) -> Metric:
+    return GaugeMetricFamily(f"{prefix}_{name}", help_text, value=value)
 
 
 def _labelled_counter(name: str, help_text: str, label: str, values: Mapping[Any, Any]) -> Metric:

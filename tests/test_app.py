@@ -309,12 +309,12 @@ def test_metrics_after_the_initial_sync(tmp_path: Path) -> None:
         ("add_real_server", "ok"): 2,
     }
     assert value(samples, "aproxy_sync_passes_total", kind="start") == 1
-    assert value(samples, "aproxy_sync_proxy_rules_duration_seconds_count") == 1
-    assert value(samples, "aproxy_sync_proxy_rules_service_changes_total") == 1
-    assert value(samples, "aproxy_sync_proxy_rules_endpoint_changes_total") == 1
+    assert value(samples, "kubeproxy_sync_proxy_rules_duration_seconds_count") == 1
+    assert value(samples, "kubeproxy_sync_proxy_rules_service_changes_total") == 1
+    assert value(samples, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 1
     assert value(samples, "aproxy_sync_proxy_rules_changes_pending") == 0
-    assert value(samples, "aproxy_sync_proxy_rules_last_timestamp_seconds") > 0
-    assert value(samples, "aproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 0
+    assert value(samples, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0
+    assert value(samples, "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds") > 0
     assert value(samples, "aproxy_source_reloads_total") == 1
     assert value(samples, "aproxy_source_reload_errors_total") == 0
     assert value(samples, "aproxy_draining_real_servers") == 0

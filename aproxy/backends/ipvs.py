@@ -37,6 +37,7 @@ from aproxy.backends.address_socket import AddressOperation, AddressSocket
 from aproxy.backends.base import OperationResult, RealServerConnections
 from aproxy.backends.conntrack import ConntrackCleaner
 from aproxy.backends.ipvs_socket import IPVSSocket
+from aproxy.backends.ipvs_wire import IPVSTimeouts
 from aproxy.backends.masquerade import Masquerade, MasqueradeError, MasqueradeSettings
 from aproxy.backends.netlink_socket import BatchLimits
 from aproxy.backends.ownership import OwnershipRecord
@@ -112,6 +113,8 @@ class IPVSSettings:
     masquerade: bool = True
     masquerade_all: bool = False
     cluster_cidrs: tuple[str, ...] = ()
+    # Set when the backend opens (kube-proxy's --ipvs-tcp-timeout and friends); zeros change nothing.
+    timeouts: IPVSTimeouts = field(default_factory=IPVSTimeouts)
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
@@ -176,6 +179,17 @@ class IPVSBackend:
             )
             await self._masquerade.ensure()
         self._conntrack = ConntrackCleaner()
+        if not self.settings.timeouts.unchanged:
+            await self._set_timeouts(self.settings.timeouts)
+
+    async def _set_timeouts(self, timeouts: IPVSTimeouts) -> None:
+        assert self._batch is not None
+        error = await self._batch.set_timeouts(timeouts)
+        if error:
+            raise OSError(error, f"cannot set the IPVS timeouts {timeouts}: {os.strerror(error)}")
+        log.info(
+            "IPVS timeouts set", extra={"tcp": timeouts.tcp, "tcp_fin": timeouts.tcp_fin, "udp": timeouts.udp}
+        )
 
     @property
     def masquerade(self) -> Masquerade | None:

@@ -45,6 +45,15 @@ class IPVSSocket(NetlinkSocket):
         command, body = ipvs_wire.request_body(op)
         return ipvs_wire.pack_request(self._family_id, seq, command, body, ack=ack)
 
+    async def set_timeouts(self, timeouts: ipvs_wire.IPVSTimeouts) -> int:
+        """``ipvsadm --set``: one IPVS_CMD_SET_CONFIG; its errno (0 = applied)."""
+
+        def encode(seq: int, value: ipvs_wire.IPVSTimeouts, ack: bool) -> bytes:
+            return ipvs_wire.set_timeouts_request(self._family_id, seq, value, ack=ack)
+
+        (error,) = await self.send_batches([timeouts], encode)
+        return error
+
     async def services(self) -> list[ipvs_wire.DumpedService]:
         """Every virtual server in the kernel (this network namespace), foreign and firewall-mark ones too."""
         request = ipvs_wire.services_dump_request(self._family_id, seq := next(self._seq))

@@ -21,6 +21,7 @@ Numbers are host order, ports network order; addresses are 16 bytes (union nf_in
 
 from __future__ import annotations
 
+import math
 import socket
 import struct
 from collections.abc import Mapping
@@ -62,9 +63,13 @@ CMD_NEW_DEST = 5
 CMD_SET_DEST = 6
 CMD_DEL_DEST = 7
 CMD_GET_DEST = 8
+CMD_SET_CONFIG = 12
 
 ATTR_SERVICE = 1
 ATTR_DEST = 2
+ATTR_TIMEOUT_TCP = 4
+ATTR_TIMEOUT_TCP_FIN = 5
+ATTR_TIMEOUT_UDP = 6
 
 SVC_AF = 1
 SVC_PROTOCOL = 2
@@ -229,6 +234,45 @@ def dests_dump_request(family_id: int, seq: int, key: VirtualServerKey) -> bytes
     """The real servers of one virtual server, named by the same key attributes a delete uses."""
     attributes = attribute(ATTR_SERVICE, service_key_attrs(key))
     return _pack(family_id, seq, NLM_F_REQUEST | NLM_F_DUMP, CMD_GET_DEST, attributes)
+
+
+@dataclass(frozen=True, slots=True)
+class IPVSTimeouts:
+    """IPVS's connection timeouts in seconds, as ``ipvsadm --set TCP TCPFIN UDP`` (kube-proxy's
+    ``--ipvs-tcp-timeout`` and friends) sets them; 0 leaves the kernel's value unchanged."""
+
+    tcp: float = 0.0
+    tcp_fin: float = 0.0
+    udp: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("tcp", "tcp_fin", "udp"):
+            seconds = getattr(self, name)
+            # The kernel refuses more than INT_MAX / HZ seconds; HZ may be 1000.
+            if not 0 <= seconds <= MAX_TIMEOUT_SECONDS:
+                raise ValueError(f"IPVS {name} timeout {seconds:g}s out of range (0..{MAX_TIMEOUT_SECONDS}s)")
+
+    @property
+    def unchanged(self) -> bool:
+        return not (self.tcp or self.tcp_fin or self.udp)
+
+
+MAX_TIMEOUT_SECONDS = (2**31 - 1) // 1000
+
+
+def set_timeouts_request(family_id: int, seq: int, timeouts: IPVSTimeouts, *, ack: bool) -> bytes:
+    """IPVS_CMD_SET_CONFIG with the non-zero timeouts only (ip_vs_genl_set_config keeps the current value of
+    an absent attribute). Whole seconds, as ipvsadm sends them; a fraction rounds up, so 0.5 s is not 0."""
+    attributes = b"".join(
+        attribute(kind, _U32.pack(math.ceil(seconds)))
+        for kind, seconds in (
+            (ATTR_TIMEOUT_TCP, timeouts.tcp),
+            (ATTR_TIMEOUT_TCP_FIN, timeouts.tcp_fin),
+            (ATTR_TIMEOUT_UDP, timeouts.udp),
+        )
+        if seconds
+    )
+    return pack_request(family_id, seq, CMD_SET_CONFIG, attributes, ack=ack)
 
 
 # --- dump replies -------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ Public API::
 
     load_manifests(paths: Sequence[Path]) -> Manifests     # raises ManifestError
     manifest_files(paths: Sequence[Path]) -> list[Path]    # the files it reads, directories expanded
+    read_documents(path: Path) -> list[Any]                # one file's documents, for --config
     Manifests(services: tuple[dict, ...], slices: tuple[dict, ...])
 
 What is read:
@@ -240,3 +241,8 @@ def _with_default_namespace(obj: dict[str, Any]) -> dict[str, Any]:
     if isinstance(metadata, dict) and not metadata.get("namespace"):
         return {**obj, "metadata": {**metadata, "namespace": DEFAULT_NAMESPACE}}
     return obj
+
+
+def read_documents(path: Path) -> list[Any]:
+    """The documents of one YAML or JSON file, read with the same bounds as manifests (--config files)."""
+    return _documents(path, _read_text(path))

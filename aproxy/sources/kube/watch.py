@@ -59,6 +59,7 @@ from aproxy.sources.kube.errors import (
     describe,
     raise_for_status,
 )
+from aproxy.sources.kube.requests import RequestStats, instrument
 from aproxy.sources.kube.resources import (
     DEFAULT_LIST_TIMEOUT,
     ENDPOINT_SLICES,
@@ -165,6 +166,11 @@ class KubernetesSource:
         self.malformed_events = 0
         self.last_event_time: float | None = None
         self.last_retry_delay: float | None = None
+        # The API client's requests, for rest_client_* (requests.py).
+        self.request_stats = RequestStats()
+
+    def _client(self) -> ApiClient:
+        return instrument(ApiClient(self._configuration), self.request_stats)
 
     @property
     def listed(self) -> bool:
@@ -189,7 +195,7 @@ class KubernetesSource:
         return self._renewal.failures if self._renewal is not None else 0
 
     async def run(self, sink: ObjectSink) -> None:
-        async with ApiClient(self._configuration) as client, asyncio.TaskGroup() as group:
+        async with self._client() as client, asyncio.TaskGroup() as group:
             if self._renewal is not None:
                 # The node watch shares the configuration: the token renewed here serves it too.
                 group.create_task(self._renewal.run(), name="aproxy-credentials")
@@ -202,13 +208,13 @@ class KubernetesSource:
         """Follow one more ``resource`` (node.py: this node's Node) into ``feed`` until cancelled, on a client
         of its own. Retries, bookmarks, 410 relists and counters are the services' and slices'; its list
         never counts towards ``listed``: the services/slices gate does not wait for it."""
-        async with ApiClient(self._configuration) as client:
+        async with self._client() as client:
             await self._follow(client, _ResourceState(resource), feed)
 
     async def list_once(self, sink: ObjectSink) -> None:
         """One complete paged list of Services and EndpointSlices into ``sink``, each marked listed; no watch
         and no retry: a failure raises a ``KubernetesSourceError``."""
-        async with ApiClient(self._configuration) as client:
+        async with self._client() as client:
             for kind, state in self._states.items():
                 await self._list_into(client, state, _sink_feed(kind, sink))
 
