@@ -22,6 +22,7 @@ from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, operation_to_dict
 from aproxy.core.translate import TranslationContext
+from aproxy.health.config import SCOPES, HealthCheckSettings
 from aproxy.settings import Settings, SettingsError, period_floor_problems
 from aproxy.sources.manifest import ManifestError, load_manifests
 from aproxy.syncer import Syncer, SyncReport, desired_all, log_skips
@@ -191,7 +192,70 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
             metavar="HOST:PORT",
             help=f"{what} (default: {address})",
         )
+    _add_health_check_options(run)
     run.set_defaults(handler=_run)
+
+
+def _add_health_check_options(run: argparse.ArgumentParser) -> None:
+    """Active TCP checks of the backends (aproxy/health/): unhealthy ones are drained at weight 0."""
+    defaults = HealthCheckSettings()
+    group = run.add_argument_group(
+        "backend health checks",
+        "every node checks every TCP real server it programs with a TCP connect; a backend failing --fall "
+        "checks in a row gets weight 0 until --rise succeed. Per service: annotations "
+        "aproxy.io/health-check (false: off), aproxy.io/health-check-interval, aproxy.io/health-check-port",
+    )
+    group.add_argument(
+        "--no-health-checks", dest="health_checks", action="store_false", help="trust readiness alone"
+    )
+    for flag, default, text in (
+        ("--health-check-interval", defaults.interval, "time between two checks of a backend"),
+        ("--health-check-timeout", defaults.timeout, "a handshake not done by then is a failure"),
+        ("--health-check-used-window", defaults.used_window, "scope used: connections this recent count"),
+    ):
+        group.add_argument(
+            flag, type=_duration, default=default, metavar="DURATION", help=f"{text} ({default:g} s)"
+        )
+    for flag, number, text in (
+        ("--health-check-fall", defaults.fall, "consecutive failures that drain a backend"),
+        ("--health-check-rise", defaults.rise, "consecutive successes that restore it"),
+        ("--health-check-concurrency", defaults.concurrency, "checks in flight at most"),
+    ):
+        group.add_argument(flag, type=int, default=number, metavar="N", help=f"{text} ({number})")
+    group.add_argument(
+        "--health-check-max-rate",
+        type=float,
+        default=defaults.max_rate,
+        metavar="CHECKS_PER_S",
+        help=f"checks per second from this node at most; beyond it intervals stretch ({defaults.max_rate:g})",
+    )
+    group.add_argument(
+        "--health-check-scope",
+        choices=SCOPES,
+        default=defaults.scope,
+        help="all (default): every TCP real server; used: those that carried this node's connections "
+        "within --health-check-used-window, and the unhealthy ones",
+    )
+    group.add_argument(
+        "--health-check-fail-closed",
+        action="store_true",
+        help="when every backend of a virtual server is unhealthy, drain them all (default: keep them all)",
+    )
+
+
+def _health_check_settings(args: argparse.Namespace) -> HealthCheckSettings:
+    return HealthCheckSettings(
+        enabled=args.health_checks,
+        interval=args.health_check_interval,
+        timeout=args.health_check_timeout,
+        fall=args.health_check_fall,
+        rise=args.health_check_rise,
+        concurrency=args.health_check_concurrency,
+        max_rate=args.health_check_max_rate,
+        scope=args.health_check_scope,
+        used_window=args.health_check_used_window,
+        fail_closed=args.health_check_fail_closed,
+    )
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
@@ -377,6 +441,7 @@ def _run(args: argparse.Namespace) -> int:
             ipvs=_settings(args),
             healthz_address=args.healthz_bind_address,
             metrics_address=args.metrics_bind_address,
+            health_checks=_health_check_settings(args),
         )
     except SettingsError as exc:
         print(f"aproxy run: {exc}", file=sys.stderr)
