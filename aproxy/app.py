@@ -40,7 +40,7 @@ from aproxy.core.drain import DrainClock
 from aproxy.core.model import ServiceKey
 from aproxy.core.translate import TranslationContext
 from aproxy.core.verdicts import HealthView
-from aproxy.health.checker import HealthChecker
+from aproxy.health.checker import HealthChecker, HealthStats
 from aproxy.kernel_loop import KernelLoop, LoopSettings, LoopStats
 from aproxy.metrics import DaemonMetrics
 from aproxy.settings import Settings
@@ -124,11 +124,15 @@ class Daemon:
         )
         self.stats = LoopStats()
         self.source: Source | None = source
+        # Backend health checks: verdicts reach the kernel only as dirty services (aproxy/health/).
+        self.health_view = HealthView(fail_closed=settings.health_checks.fail_closed)
+        self.health_stats = HealthStats()
         self.metrics = DaemonMetrics(
             tracker=self.tracker,
             syncer=lambda: self.loop.syncer,
             source=lambda: self.source,
             stats=self.stats,
+            health=(self.health_view, self.health_stats) if settings.health_checks.enabled else None,
         )
         self._startup_collection = StartupCollection()
         self.loop = KernelLoop(
@@ -152,12 +156,14 @@ class Daemon:
         )
         self._backend = backend
         self._intake = _Intake(self.tracker, self.loop.changed)
-        # Backend health checks: verdicts reach the kernel only as dirty services (aproxy/health/).
-        self.health_view = HealthView(fail_closed=settings.health_checks.fail_closed)
         self.health_checker: HealthChecker | None = None
         if settings.health_checks.enabled:
             self.health_checker = HealthChecker(
-                settings.health_checks, self.health_view, self._health_changed
+                settings.health_checks,
+                self.health_view,
+                self._health_changed,
+                duration=self.metrics.health_check_duration,
+                stats=self.health_stats,
             )
         # This node's Node and its watch (Kubernetes source only); manifest sources: always eligible.
         self.node: ThisNode | None = None
@@ -268,6 +274,8 @@ class Daemon:
         context = await self._translation_context()
         drains = DrainClock(self.settings.drain_grace_period)
         health = self.health_view if self.health_checker is not None else None
+        if self.health_checker is not None and isinstance(backend, IPVSBackend):
+            self.health_checker.usage = backend.usage  # scope "used": what the kernel's dumps saw
         await self.loop.run(Syncer(self.tracker, context, backend, drains, health=health))
 
     def _health_changed(self, services: frozenset[ServiceKey]) -> None:

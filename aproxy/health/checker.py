@@ -87,13 +87,15 @@ class HealthChecker:
         duration: DurationObserver | None = None,
         lateness: DurationObserver | None = None,
         rng: random.Random | None = None,
+        stats: HealthStats | None = None,
     ) -> None:
         self.settings = settings
         self.view = view
         self.book = HealthBook(fall=settings.fall, rise=settings.rise)
-        self.stats = HealthStats()
+        self.stats = stats if stats is not None else HealthStats()
         self._changed = changed
-        self._usage = usage
+        # Scope "used" without one (the dry-run backend): every target is checked.
+        self.usage = usage
         self._duration = duration
         self._lateness = lateness
         self._rng = rng or random.Random()
@@ -134,8 +136,8 @@ class HealthChecker:
         self._generation = self.view.generation
         self._next_refresh = now + _USED_REFRESH
         targets = self.view.targets(self.settings.interval)
-        if self.settings.scope == "used" and self._usage is not None:
-            used = self._usage.used_addresses(time.monotonic() - self.settings.used_window)
+        if self.settings.scope == "used" and self.usage is not None:
+            used = self.usage.used_addresses(time.monotonic() - self.settings.used_window)
             targets = {t: i for t, i in targets.items() if t.address in used or self.view.is_unhealthy(t)}
         need = sum(1.0 / interval for interval in targets.values())
         stretch = max(1.0, need / self.settings.max_rate)

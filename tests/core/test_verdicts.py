@@ -85,13 +85,19 @@ def test_a_target_no_service_uses_any_more_is_forgotten() -> None:
     assert weights(view.apply(service.key, service, translated(service, A, B))) == {A: 1, B: 1}
 
 
-def test_all_unhealthy_fails_open_once_per_episode() -> None:
-    view = HealthView()
+def all_unhealthy(view: HealthView) -> tuple[ServiceInfo, ServiceState]:
+    """A service with backends A and B, both judged unhealthy."""
     service = parsed_service()
     state = translated(service, A, B)
     view.apply(service.key, service, state)
     view.set_unhealthy(target(A), True)
     view.set_unhealthy(target(B), True)
+    return service, state
+
+
+def test_all_unhealthy_fails_open_once_per_episode() -> None:
+    view = HealthView()
+    service, state = all_unhealthy(view)
     assert weights(view.apply(service.key, service, state)) == {A: 1, B: 1}
     assert view.failing_open_count == 1
     (entered,) = view.take_fail_open_changes()
@@ -107,11 +113,7 @@ def test_all_unhealthy_fails_open_once_per_episode() -> None:
 
 def test_fail_closed_drains_them_all() -> None:
     view = HealthView(fail_closed=True)
-    service = parsed_service()
-    state = translated(service, A, B)
-    view.apply(service.key, service, state)
-    view.set_unhealthy(target(A), True)
-    view.set_unhealthy(target(B), True)
+    service, state = all_unhealthy(view)
     assert weights(view.apply(service.key, service, state)) == {A: 0, B: 0}
     assert view.take_fail_open_changes() == []
 

@@ -22,16 +22,8 @@ import pytest
 
 from aproxy.app import Daemon
 from aproxy.backends.memory import MemoryBackend
-from aproxy.core.model import (
-    L4Protocol,
-    RealServer,
-    RealServerKey,
-    ServiceKey,
-    ServiceState,
-    VirtualServer,
-    VirtualServerKey,
-    VirtualServerSpec,
-)
+from aproxy.core import model
+from aproxy.core.model import L4Protocol, RealServerKey, ServiceKey, VirtualServerKey
 from aproxy.core.verdicts import HealthView
 from aproxy.health.checker import HealthChecker
 from aproxy.health.config import HealthCheckSettings
@@ -227,13 +219,14 @@ def fast(**overrides: Any) -> HealthCheckSettings:
 def view_of(*targets: RealServerKey) -> HealthView:
     """A view whose one service has these targets (as the syncer would index them)."""
     view = HealthView()
-    virtual = VirtualServer(
+    virtual = model.VirtualServer(
         VirtualServerKey(L4Protocol.TCP, ip_address("10.96.0.1"), 80),
-        VirtualServerSpec(),
+        model.VirtualServerSpec(),
         "default/web",
-        tuple(RealServer(t.address, t.port) for t in targets),
+        tuple(model.RealServer(t.address, t.port) for t in targets),
     )
-    view.apply(ServiceKey("default", "web"), None, ServiceState(ServiceKey("default", "web"), (virtual,)))
+    key = ServiceKey("default", "web")
+    view.apply(key, None, model.ServiceState(key, (virtual,)))
     return view
 
 
