@@ -30,15 +30,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aproxy.core.model import (
-    L4Protocol,
-    RealServer,
-    ServiceKey,
-    ServiceState,
-    VirtualServer,
-    VirtualServerKey,
-    VirtualServerSpec,
-)
+from aproxy.core import model
 from aproxy.core.verdicts import HealthView
 from aproxy.health.checker import HealthChecker
 from aproxy.health.config import HealthCheckSettings
@@ -99,14 +91,14 @@ async def check_for(
     ports: list[int], seconds: float, interval: float
 ) -> tuple[HealthChecker, Samples, float, list[int]]:
     view = HealthView()
-    virtual = VirtualServer(
-        VirtualServerKey(L4Protocol.TCP, ip_address("10.96.0.1"), 80),
-        VirtualServerSpec(),
+    virtual = model.VirtualServer(
+        model.VirtualServerKey(model.L4Protocol.TCP, ip_address("10.96.0.1"), 80),
+        model.VirtualServerSpec(),
         "bench/web",
-        tuple(RealServer(ip_address(LOOPBACK), port) for port in ports),
+        tuple(model.RealServer(ip_address(LOOPBACK), port) for port in ports),
     )
-    key = ServiceKey("bench", "web")
-    view.apply(key, None, ServiceState(key, (virtual,)))
+    key = model.ServiceKey("bench", "web")
+    view.apply(key, None, model.ServiceState(key, (virtual,)))
     lateness = Samples()
     checker = HealthChecker(HealthCheckSettings(interval=interval), view, lambda _: None, lateness=lateness)
     waits = [time_wait()]
