@@ -37,7 +37,10 @@ from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.debounce import SyncScheduler
 from aproxy.core.drain import DrainClock
+from aproxy.core.model import ServiceKey
 from aproxy.core.translate import TranslationContext
+from aproxy.core.verdicts import HealthView
+from aproxy.health.checker import HealthChecker, HealthStats
 from aproxy.kernel_loop import KernelLoop, LoopSettings, LoopStats
 from aproxy.metrics import DaemonMetrics
 from aproxy.settings import Settings
@@ -121,11 +124,15 @@ class Daemon:
         )
         self.stats = LoopStats()
         self.source: Source | None = source
+        # Backend health checks: verdicts reach the kernel only as dirty services (aproxy/health/).
+        self.health_view = HealthView(fail_closed=settings.health_checks.fail_closed)
+        self.health_stats = HealthStats()
         self.metrics = DaemonMetrics(
             tracker=self.tracker,
             syncer=lambda: self.loop.syncer,
             source=lambda: self.source,
             stats=self.stats,
+            health=(self.health_view, self.health_stats) if settings.health_checks.enabled else None,
         )
         self._startup_collection = StartupCollection()
         self.loop = KernelLoop(
@@ -149,6 +156,15 @@ class Daemon:
         )
         self._backend = backend
         self._intake = _Intake(self.tracker, self.loop.changed)
+        self.health_checker: HealthChecker | None = None
+        if settings.health_checks.enabled:
+            self.health_checker = HealthChecker(
+                settings.health_checks,
+                self.health_view,
+                self._health_changed,
+                duration=self.metrics.health_check_duration,
+                stats=self.health_stats,
+            )
         # This node's Node and its watch (Kubernetes source only); manifest sources: always eligible.
         self.node: ThisNode | None = None
         self._watch_node: Callable[[], Coroutine[Any, Any, None]] | None = None
@@ -186,6 +202,8 @@ class Daemon:
                 group.create_task(_stop_on(stop), name="aproxy-stop")
                 if self._watch_node is not None:
                     group.create_task(self._guard("node", self._watch_node()), name="aproxy-node")
+                if self.health_checker is not None:
+                    group.create_task(self._guard("health", self.health_checker.run()), name="aproxy-health")
         except* StopRequested:
             log.info("stopped; the kernel rules stay in place")
         except* DaemonTaskFailed:
@@ -255,7 +273,14 @@ class Daemon:
     async def _kernel(self, backend: Backend) -> None:
         context = await self._translation_context()
         drains = DrainClock(self.settings.drain_grace_period)
-        await self.loop.run(Syncer(self.tracker, context, backend, drains))
+        health = self.health_view if self.health_checker is not None else None
+        if self.health_checker is not None and isinstance(backend, IPVSBackend):
+            self.health_checker.usage = backend.usage  # scope "used": what the kernel's dumps saw
+        await self.loop.run(Syncer(self.tracker, context, backend, drains, health=health))
+
+    def _health_changed(self, services: frozenset[ServiceKey]) -> None:
+        self.tracker.mark_dirty(services)
+        self.loop.changed()
 
     async def _translation_context(self) -> TranslationContext:
         settings = self.settings

@@ -25,11 +25,24 @@ from aproxy.backends.ipvs_wire import IPVSTimeouts
 from aproxy.backends.memory import MemoryBackend
 from aproxy.config_file import ConfigFileError, load_config_files
 from aproxy.core.changes import ChangeTracker
-from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, operation_to_dict
+from aproxy.core.model import (
+    DEFAULT_SCHEDULER,
+    SCHEDULERS,
+    AddRealServer,
+    IPAddress,
+    Operation,
+    RealServerKey,
+    UpdateRealServer,
+    VirtualServerKey,
+    operation_to_dict,
+)
 from aproxy.core.translate import TranslationContext
+from aproxy.core.verdicts import HealthView
+from aproxy.health.config import SCOPES, HealthCheckSettings
+from aproxy.health.oneshot import judge_once
 from aproxy.settings import Settings, SettingsError, period_floor_problems
 from aproxy.sources.manifest import ManifestError, load_manifests
-from aproxy.syncer import Syncer, SyncReport, desired_all, log_skips
+from aproxy.syncer import Syncer, SyncReport, desired_all, log_fail_open, log_skips
 from aproxy.web.server import ListenAddress, ListenAddressError
 
 log = logging.getLogger("aproxy")
@@ -131,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the Node --node-name are read from the API",
     )
     plan.add_argument("--output", choices=["json", "text"], default="json", help="json (default) or text")
+    _add_one_shot_health_option(plan)
     plan.set_defaults(handler=_plan)
 
     sync = commands.add_parser(
@@ -149,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--output", choices=["json", "text"], default="text", help="text (default) or json lines"
     )
+    _add_one_shot_health_option(sync)
     sync.set_defaults(handler=_sync)
 
     _add_run_command(commands)
@@ -203,7 +218,86 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
             metavar="HOST:PORT",
             help=f"{what} (default: {address})",
         )
+    _add_health_check_options(run)
     run.set_defaults(handler=_run)
+
+
+def _add_health_check_options(run: argparse.ArgumentParser) -> None:
+    """Active TCP checks of the backends (aproxy/health/): unhealthy ones are drained at weight 0."""
+    defaults = HealthCheckSettings()
+    group = run.add_argument_group(
+        "backend health checks",
+        "every node checks every TCP real server it programs with a TCP connect; a backend failing --fall "
+        "checks in a row gets weight 0 until --rise succeed. Per service: annotations "
+        "aproxy.io/health-check (false: off), aproxy.io/health-check-interval, aproxy.io/health-check-port",
+    )
+    group.add_argument(
+        "--no-health-checks", dest="health_checks", action="store_false", help="trust readiness alone"
+    )
+    for flag, default, text in (
+        ("--health-check-interval", defaults.interval, "time between two checks of a backend"),
+        ("--health-check-timeout", defaults.timeout, "a handshake not done by then is a failure"),
+        ("--health-check-used-window", defaults.used_window, "scope used: connections this recent count"),
+    ):
+        group.add_argument(
+            flag, type=_duration, default=default, metavar="DURATION", help=f"{text} ({default:g} s)"
+        )
+    for flag, number, text in (
+        ("--health-check-fall", defaults.fall, "consecutive failures that drain a backend"),
+        ("--health-check-rise", defaults.rise, "consecutive successes that restore it"),
+        ("--health-check-concurrency", defaults.concurrency, "checks in flight at most"),
+    ):
+        group.add_argument(flag, type=int, default=number, metavar="N", help=f"{text} ({number})")
+    group.add_argument(
+        "--health-check-max-rate",
+        type=float,
+        default=defaults.max_rate,
+        metavar="CHECKS_PER_S",
+        help=f"checks per second from this node at most; beyond it intervals stretch ({defaults.max_rate:g})",
+    )
+    group.add_argument(
+        "--health-check-scope",
+        choices=SCOPES,
+        default=defaults.scope,
+        help="all (default): every TCP real server; used: those that carried this node's connections "
+        "within --health-check-used-window, and the unhealthy ones",
+    )
+    group.add_argument(
+        "--health-check-fail-closed",
+        action="store_true",
+        help="when every backend of a virtual server is unhealthy, drain them all (default: keep them all)",
+    )
+
+
+def _add_one_shot_health_option(parser: argparse.ArgumentParser) -> None:
+    defaults = HealthCheckSettings()
+    parser.add_argument(
+        "--health-checks",
+        action="store_true",
+        help=f"check every TCP backend now (a TCP connect, up to {defaults.fall} tries of "
+        f"{defaults.timeout:g} s) and give the unhealthy ones weight 0, as the daemon would",
+    )
+
+
+def _judged(tracker: ChangeTracker, ctx: TranslationContext, args: argparse.Namespace) -> HealthView | None:
+    """With --health-checks: a view holding the verdicts of one round of checks of every target."""
+    if not args.health_checks:
+        return None
+    settings = HealthCheckSettings()
+    view = HealthView(fail_closed=settings.fail_closed)
+    desired_all(tracker, ctx, view)  # indexes the targets
+    for target in uvloop.run(judge_once(view.targets(settings.interval).keys(), settings)):
+        view.set_unhealthy(target, True)
+    return view
+
+
+def _health_check_settings(args: argparse.Namespace) -> HealthCheckSettings:
+    fields = ("interval", "timeout", "fall", "rise", "concurrency", "max_rate", "scope", "used_window")
+    return HealthCheckSettings(
+        enabled=args.health_checks,
+        fail_closed=args.health_check_fail_closed,
+        **{name: getattr(args, f"health_check_{name}") for name in fields},
+    )
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
@@ -310,8 +404,11 @@ def _plan(args: argparse.Namespace) -> int:
         except KubernetesSourceError as exc:
             print(f"aproxy: {exc}", file=sys.stderr)
             return EXIT_FAILED
-    states = desired_all(tracker, _context(args))
+    health = _judged(tracker, _context(args), args)
+    states = desired_all(tracker, _context(args), health)
     log_skips(tracker.new_skips())
+    if health is not None:
+        log_fail_open(health)
     view = render.node_view(states.values())
     for conflict in view.conflicts:
         log.warning(
@@ -332,16 +429,29 @@ def _plan(args: argparse.Namespace) -> int:
 def _sync(args: argparse.Namespace) -> int:
     tracker = tracker_from_manifests(args.source)
     ctx = _context(args)
+    health = _judged(tracker, ctx, args)
 
     async def run() -> list[SyncReport]:
         backend: AbstractAsyncContextManager[Backend] = (
             IPVSBackend(_settings(args)) if args.backend == "ipvs" else nullcontext(MemoryBackend())
         )
         async with backend as opened:
-            syncer = Syncer(tracker, ctx, opened)
+            syncer = Syncer(tracker, ctx, opened, health=health)
             return [await syncer.start(), await syncer.drain()]
 
     reports = uvloop.run(run())
+    # The real servers the health checks drained (a removed endpoint's drain is weight 0 too, and unmarked).
+    drained = (
+        {
+            (virtual.key, real.key)
+            for state in desired_all(tracker, ctx, health).values()
+            for virtual in state.virtual_servers
+            for real in virtual.real_servers
+            if real.weight == 0
+        }
+        if health is not None
+        else set()
+    )
     results = [result for report in reports for result in report.results]
     failed = sum(not result.ok for result in results)
     services = reports[0].services
@@ -359,9 +469,17 @@ def _sync(args: argparse.Namespace) -> int:
                 f"{key}={value}" for key, value in operation_to_dict(result.operation).items() if key != "op"
             )
             status = "" if result.ok else f"  FAILED: {result.error}"
+            if _health_drained(result.operation, drained):
+                status += "  # unhealthy: drained"
             sys.stdout.write(f"{result.operation.name} {fields}{status}\n")
         sys.stdout.write(f"synced {services} services: {len(results)} operations, {failed} failed\n")
     return EXIT_OK if failed == 0 else EXIT_FAILED
+
+
+def _health_drained(operation: Operation, drained: set[tuple[VirtualServerKey, RealServerKey]]) -> bool:
+    return isinstance(operation, UpdateRealServer | AddRealServer) and (
+        (operation.virtual, operation.real.key) in drained
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -391,6 +509,7 @@ def _run(args: argparse.Namespace) -> int:
             ipvs=_kube_proxy_ipvs_settings(args, _settings(args)),
             healthz_address=args.healthz_bind_address,
             metrics_address=args.metrics_bind_address,
+            health_checks=_health_check_settings(args),
         )
     except SettingsError as exc:
         print(f"aproxy run: {exc}", file=sys.stderr)

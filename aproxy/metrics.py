@@ -26,6 +26,12 @@ Metrics:
   ``aproxy_virtual_server_conflicts_total``; ``aproxy_draining_real_servers``.
 - ``aproxy_objects_skipped_total{kind}``; ``aproxy_services``, ``aproxy_endpoint_slices`` (objects held).
 - ``aproxy_source_*``: whichever counters the source keeps (see ``SOURCE_COUNTERS``).
+- Backend health checks (``health_metrics``): ``aproxy_health_checks_total{result}`` (ok, refused, reset,
+  unreachable, timeout, failed; error: the node's own trouble), ``aproxy_health_check_duration_seconds``
+  (histogram, 0.1 ms x 2^k), ``aproxy_health_transitions_total{to}`` (healthy, unhealthy),
+  ``aproxy_backends_unhealthy``, ``aproxy_virtual_servers_failing_open``,
+  ``aproxy_health_check_interval_stretch_ratio`` (1: every check on time; 2: the rate limit doubled the
+  intervals), ``aproxy_health_check_targets``.
 - ``process_*`` from prometheus_client's process collector.
 """
 
@@ -46,6 +52,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from aproxy.core.changes import ChangeTracker
+from aproxy.core.verdicts import HealthView
+from aproxy.health.checker import HealthStats
 from aproxy.kernel_loop import LoopStats
 from aproxy.syncer import Syncer
 
@@ -56,6 +64,8 @@ KUBE_PROXY: Final = "kubeproxy"
 DURATION_BUCKETS: Final = tuple(0.001 * 2**k for k in range(15))
 # client-go's, as aproxy.sources.kube.requests counts them (metrics must not import the Kubernetes source).
 REST_CLIENT_BUCKETS: Final = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+# A check on a LAN answers in well under a millisecond; a timeout is seconds: 0.1 ms x 2^k, up to ~3.3 s.
+HEALTH_CHECK_BUCKETS: Final = tuple(0.0001 * 2**k for k in range(16))
 
 # Counters a source may keep as plain attributes: (attribute, metric name without prefix, help, label).
 # An int attribute becomes one sample; a Counter (or any str -> int mapping) one sample per key, under label.
@@ -90,6 +100,7 @@ class DaemonMetrics:
         syncer: Callable[[], Syncer | None],
         source: Callable[[], object],
         stats: LoopStats,
+        health: tuple[HealthView, HealthStats] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         self.sync_duration = Histogram(
@@ -105,6 +116,14 @@ class DaemonMetrics:
             registry=self.registry,
         )
         self.registry.register(_LiveCollector(tracker, syncer, source, stats))
+        self.health_check_duration = Histogram(
+            f"{PREFIX}_health_check_duration_seconds",
+            "Duration of a backend health check: connect to answer, or the timeout.",
+            buckets=HEALTH_CHECK_BUCKETS,
+            registry=self.registry,
+        )
+        if health is not None:
+            self.registry.register(_HealthCollector(*health))
         ProcessCollector(registry=self.registry)
 
     def exposition(self) -> bytes:
@@ -217,6 +236,40 @@ class _LiveCollector:
         yield _gauge(
             "draining_real_servers", "TCP real servers at weight 0 waiting for their connections.", draining
         )
+
+
+class _HealthCollector:
+    """The health checks' counts, read at scrape time."""
+
+    def __init__(self, view: HealthView, stats: HealthStats) -> None:
+        self._view = view
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        yield from health_metrics(self._view, self._stats)
+
+
+def health_metrics(view: HealthView, stats: HealthStats) -> Iterator[Metric]:
+    yield _labelled_counter("health_checks", "Backend health checks, by result.", "result", stats.checks)
+    yield _labelled_counter(
+        "health_transitions", "Backend health state changes, by new state.", "to", stats.transitions
+    )
+    yield _gauge(
+        "backends_unhealthy",
+        "Backends judged unhealthy (weight 0 unless failing open).",
+        view.unhealthy_count,
+    )
+    yield _gauge(
+        "virtual_servers_failing_open",
+        "Virtual servers whose every real server is unhealthy, kept at their weights (fail open).",
+        view.failing_open_count,
+    )
+    yield _gauge(
+        "health_check_interval_stretch_ratio",
+        "How much the per-node rate limit stretches the check intervals (1: not at all).",
+        stats.stretch_ratio,
+    )
+    yield _gauge("health_check_targets", "Backends (address, checked port) being checked.", stats.targets)
 
 
 def source_metrics(source: object) -> Iterator[Metric]:

@@ -87,11 +87,17 @@ def to_text(view: NodeView, device: str = "kube-ipvs0") -> str:
         )
         lines.append(f"{head:<48} # {vs.port_name}")
         lines.extend(
-            f"  -> {_hostport(real.address, real.port):<28} Masq    {real.weight}" for real in vs.real_servers
+            f"  -> {_hostport(real.address, real.port):<28} Masq    {real.weight}{_mark(real.weight)}"
+            for real in vs.real_servers
         )
     listed = " ".join(str(address) for address in view.addresses) or "(none)"
     lines.append(f"Addresses on {device}: {listed}")
     return "\n".join(lines) + "\n"
+
+
+def _mark(weight: int) -> str:
+    # Translation gives every real server weight 1: a desired 0 is the health checks' drain.
+    return "       # unhealthy: drained" if weight == 0 else ""
 
 
 def _hostport(address: IPAddress, port: int) -> str:

@@ -42,6 +42,7 @@ from aproxy.core.model import (
 from aproxy.core.objects import Severity, Skip
 from aproxy.core.plan import Plan, Planner
 from aproxy.core.translate import TranslationContext
+from aproxy.core.verdicts import HealthView
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,11 @@ class Syncer:
         backend: Backend,
         drain_clock: DrainClock | None = None,
         clock: Callable[[], float] = time.monotonic,
+        health: HealthView | None = None,
     ) -> None:
         self._tracker = tracker
+        # Health verdicts (aproxy/health/): unhealthy backends at weight 0 in every translated service.
+        self._health = health
         self._ctx = ctx
         self._backend = backend
         self._drain_clock = drain_clock or DrainClock()
@@ -124,7 +128,7 @@ class Syncer:
         self._planner = Planner(applied=await self._backend.dump())
         self._tracker.take_dirty()
         self._retry.clear()
-        desired = desired_all(self._tracker, self._ctx)
+        desired = desired_all(self._tracker, self._ctx, self._health)
         return await self._execute("start", self._planner.plan_full(desired), len(desired))
 
     async def sync(self) -> SyncReport:
@@ -175,10 +179,14 @@ class Syncer:
 
     def _desired(self, key: ServiceKey) -> ServiceState | None:
         state, _skips_already_reported_at_intake = self._tracker.desired(key, self._ctx)
+        if self._health is not None:
+            return self._health.apply(key, self._tracker.service(key), state)
         return state
 
     async def _execute(self, kind: str, plan: Plan, services: int) -> SyncReport:
         log_skips(self._tracker.new_skips())
+        if self._health is not None:
+            log_fail_open(self._health)
         self._log_conflicts(plan)
         results = await self._apply_with_unbinds_last(plan.operations)
         failures = [result for result in results if not result.ok]
@@ -258,11 +266,32 @@ def sorted_keys(keys: Iterable[ServiceKey]) -> list[ServiceKey]:
     return sorted(keys, key=lambda key: (key.namespace, key.name))
 
 
-def desired_all(tracker: ChangeTracker, ctx: TranslationContext) -> dict[ServiceKey, ServiceState]:
-    """Every service's desired state, in a deterministic order; the skips are the tracker's to report."""
+def desired_all(
+    tracker: ChangeTracker, ctx: TranslationContext, health: HealthView | None = None
+) -> dict[ServiceKey, ServiceState]:
+    """Every service's desired state, in a deterministic order; the skips are the tracker's to report.
+    With ``health``, the verdicts' weights applied (and the view forgets the services that are gone)."""
     states = {}
     for key in sorted_keys(tracker.services()):
         state, _ = tracker.desired(key, ctx)
+        if health is not None:
+            state = health.apply(key, tracker.service(key), state)
         if state is not None:
             states[key] = state
+    if health is not None:
+        health.retain(states)
     return states
+
+
+def log_fail_open(health: HealthView) -> None:
+    """Each fail-open episode is logged when it begins and when it ends (once each)."""
+    for change in health.take_fail_open_changes():
+        fields = {
+            "virtual_server": str(change.virtual),
+            "service": str(change.service),
+            "real_servers": change.real_servers,
+        }
+        if change.entered:
+            log.warning("every real server unhealthy: failing open, weights kept", extra=fields)
+        else:
+            log.info("fail-open over: healthy real servers again", extra=fields)

@@ -36,6 +36,7 @@ from aproxy.core.backoff import RetryPolicy
 from aproxy.core.model import AddVirtualServer, DeleteVirtualServer, L4Protocol, Operation, RealServerKey
 from aproxy.core.model import VirtualServerKey as VSKey
 from aproxy.core.state import IPVSState
+from aproxy.health.config import HealthCheckSettings
 from aproxy.settings import Settings, SettingsError
 from aproxy.sources.base import ObjectSink
 from aproxy.sources.kube.watch import KubernetesSource
@@ -68,6 +69,8 @@ def settings(**overrides: Any) -> Settings:
         "backend": "dry-run",
         "healthz_address": EPHEMERAL,
         "metrics_address": EPHEMERAL,
+        # The endpoints are made-up addresses: no health checks (tests send traffic only to loopback).
+        "health_checks": HealthCheckSettings(enabled=False),
     }
     return Settings(**{**values, **overrides})
 
@@ -812,6 +815,7 @@ def test_aproxy_run_command_serves_then_exits_0_on_sigterm() -> None:
         "127.0.0.1:0",
         "--metrics-bind-address",
         "127.0.0.1:0",
+        "--no-health-checks",  # the example's endpoints are not hosts of this test
     ]
 
     async def scenario() -> tuple[int, int, int, list[str]]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from errno import EADDRNOTAVAIL, EEXIST, ENOENT, ESRCH
 from typing import Protocol
@@ -44,6 +45,30 @@ class RealServerConnections:
 
     active: int
     inactive: int
+
+
+class DestinationUsage:
+    """When each backend address was last seen with connections in a destination dump.
+
+    The health checks' scope ``used`` reads it: the backends that carried this node's connections lately. It
+    costs no extra kernel read: the dumps aproxy makes anyway (the audit's, every --audit-period; the drain
+    checks') feed it. A TCP connection stays counted (inactive, in IPVS's TIME_WAIT) for two minutes after it
+    closed, so a backend used between two audits is seen at the next one.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: dict[IPAddress, float] = {}
+
+    def observe(self, address: IPAddress, connections: RealServerConnections) -> None:
+        if connections.active or connections.inactive:
+            self._seen[address] = self._clock()
+
+    def used_addresses(self, since: float) -> frozenset[IPAddress]:
+        """Addresses seen with connections at or after ``since`` (the clock's time); older ones forgotten."""
+        for address in [a for a, seen in self._seen.items() if seen < since]:
+            del self._seen[address]
+        return frozenset(self._seen)
 
 
 class Backend(Protocol):

@@ -34,7 +34,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from aproxy.backends import ipvs_wire
 from aproxy.backends.address_socket import AddressOperation, AddressSocket
-from aproxy.backends.base import OperationResult, RealServerConnections
+from aproxy.backends.base import DestinationUsage, OperationResult, RealServerConnections
 from aproxy.backends.conntrack import ConntrackCleaner
 from aproxy.backends.ipvs_socket import IPVSSocket
 from aproxy.backends.ipvs_wire import IPVSTimeouts
@@ -139,6 +139,8 @@ class IPVSBackend:
     _record: OwnershipRecord | None = None
     _masquerade: Masquerade | None = None
     _conntrack: ConntrackCleaner | None = None
+    # Backend addresses seen with connections by the dumps (the health checks' scope "used").
+    usage: DestinationUsage = field(default_factory=DestinationUsage)
 
     async def __aenter__(self) -> IPVSBackend:
         await self.open()
@@ -445,14 +447,12 @@ class IPVSBackend:
         self, key: VirtualServerKey
     ) -> list[tuple[RealServerKey, int, RealServerConnections]]:
         assert self._batch is not None, "IPVSBackend used before open()"
-        return [
-            (
-                RealServerKey(dest.address, dest.port),
-                dest.weight,
-                RealServerConnections(dest.active_connections, dest.inactive_connections),
-            )
-            for dest in await self._batch.dests(key)
-        ]
+        dests = []
+        for dest in await self._batch.dests(key):
+            conns = RealServerConnections(dest.active_connections, dest.inactive_connections)
+            self.usage.observe(dest.address, conns)  # the health checks' scope "used"
+            dests.append((RealServerKey(dest.address, dest.port), dest.weight, conns))
+        return dests
 
 
 def _spec_of(service: ipvs_wire.DumpedService) -> VirtualServerSpec:

@@ -29,7 +29,7 @@ Rules:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Final, Literal
 
 from aproxy.core.model import ServiceKey, ServiceState
@@ -156,6 +156,11 @@ class ChangeTracker:
         dirty, self._dirty = self._dirty, set()
         return dirty
 
+    def mark_dirty(self, keys: Iterable[ServiceKey]) -> None:
+        """Mark services dirty for a reason outside their objects (a health verdict changed their weights);
+        not counted as a service or slice change."""
+        self._dirty.update(keys)
+
     @property
     def dirty_count(self) -> int:
         """Services changed and not yet taken (kube-proxy's ``*_changes_pending``)."""
@@ -167,6 +172,11 @@ class ChangeTracker:
         if service is not None and service.proxy_name_label:
             service = None
         return service, list(self._slices_by_service.get(key, ()))
+
+    def service(self, key: ServiceKey) -> ServiceInfo | None:
+        """The service alone (None when absent, unparseable or another proxy's): no copy of its slices."""
+        service = self._services.get(key)
+        return None if service is None or service.proxy_name_label else service
 
     def desired(
         self, key: ServiceKey, ctx: TranslationContext

@@ -24,6 +24,7 @@ import enum
 import functools
 import json
 import operator
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,12 @@ SERVICE_NAME_LABEL: Final = "kubernetes.io/service-name"
 SERVICE_PROXY_NAME_LABEL: Final = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL: Final = "service.kubernetes.io/headless"
 SCHEDULER_ANNOTATION: Final = "aproxy.io/scheduler"
+# Per-service health-check settings (aproxy/health/): off, another interval, another TCP port to check.
+HEALTH_CHECK_ANNOTATION: Final = "aproxy.io/health-check"
+HEALTH_CHECK_INTERVAL_ANNOTATION: Final = "aproxy.io/health-check-interval"
+HEALTH_CHECK_PORT_ANNOTATION: Final = "aproxy.io/health-check-port"
+# The shortest interval an annotation may ask for: every node checks every backend that often.
+MIN_HEALTH_CHECK_INTERVAL: Final = 0.1
 
 DEFAULT_AFFINITY_TIMEOUT: Final = 10800  # seconds: Kubernetes' default for sessionAffinity ClientIP
 MAX_AFFINITY_TIMEOUT: Final = 86400  # the API server's upper bound
@@ -88,6 +95,15 @@ class ServicePort:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthOverride:
+    """A service's health-check annotations, validated (a bad value is a warning and the default)."""
+
+    enabled: bool = True  # aproxy.io/health-check: "false" turns checks off for this service's backends
+    interval: float | None = None  # seconds; None: the node's --health-check-interval
+    port: int | None = None  # check this TCP port instead of each real server's (also for UDP services)
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceInfo:
     """What translation needs from a Service, validated.
 
@@ -111,6 +127,8 @@ class ServiceInfo:
     external_local: bool = False  # externalTrafficPolicy: Local
     internal_local: bool = False  # internalTrafficPolicy: Local
     scheduler: str | None = None  # a valid aproxy.io/scheduler annotation; None = the node's default
+    # The aproxy.io/health-check* annotations; None (nearly every service): the node's settings.
+    health: HealthOverride | None = None
     skips: tuple[Skip, ...] = ()  # warnings: parts ignored, the rest stands
     # Not part of the value: aproxy.core.translate keeps here what it derives from this service alone (its
     # virtual server keys, port names, bind addresses, for one TranslationContext), so that translating the
@@ -421,6 +439,7 @@ def _parse_service(raw: object) -> ServiceInfo:
         external_local=_local_policy(spec, "externalTrafficPolicy"),
         internal_local=_local_policy(spec, "internalTrafficPolicy"),
         scheduler=_scheduler(annotations, warnings),
+        health=_health_override(annotations, warnings),
         skips=tuple(Skip(SERVICE_KIND, namespace, name, reason, Severity.WARNING) for reason in warnings),
     )
 
@@ -554,6 +573,62 @@ def _scheduler(annotations: Mapping[str, Any], warnings: list[str]) -> str | Non
         return sys.intern(value)
     warnings.append(f"annotation {SCHEDULER_ANNOTATION}: unknown scheduler {_show(value)}, using the default")
     return None
+
+
+_GO_DURATION: Final = re.compile(r"(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ms|s|m|h))+")
+_GO_UNIT: Final = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
+_SECONDS_PER: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _health_override(annotations: Mapping[str, Any], warnings: list[str]) -> HealthOverride | None:
+    enabled_text = annotations.get(HEALTH_CHECK_ANNOTATION)
+    interval_text = annotations.get(HEALTH_CHECK_INTERVAL_ANNOTATION)
+    port_text = annotations.get(HEALTH_CHECK_PORT_ANNOTATION)
+    if enabled_text is None and interval_text is None and port_text is None:
+        return None
+    enabled = True
+    if enabled_text is not None:
+        if enabled_text in ("true", "false"):
+            enabled = enabled_text == "true"
+        else:
+            warnings.append(
+                f'annotation {HEALTH_CHECK_ANNOTATION}: {_show(enabled_text)} is not "true" or "false", '
+                "checking (the default)"
+            )
+    interval = None
+    if interval_text is not None:
+        interval = _annotation_seconds(interval_text)
+        if interval is None or interval < MIN_HEALTH_CHECK_INTERVAL:
+            warnings.append(
+                f"annotation {HEALTH_CHECK_INTERVAL_ANNOTATION}: {_show(interval_text)} is not a duration of "
+                f"at least {MIN_HEALTH_CHECK_INTERVAL:g}s (e.g. 5s, 500ms), using the node's interval"
+            )
+            interval = None
+    port = None
+    if port_text is not None:
+        if isinstance(port_text, str) and port_text.isascii() and port_text.isdigit() and len(port_text) <= 5:
+            port = int(port_text)
+        if port is None or not 1 <= port <= MAX_PORT:
+            warnings.append(
+                f"annotation {HEALTH_CHECK_PORT_ANNOTATION}: {_show(port_text)} is not a port (1-65535), "
+                "checking each real server's own port"
+            )
+            port = None
+    return HealthOverride(enabled, interval, port)
+
+
+def _annotation_seconds(value: object) -> float | None:
+    """A Go-style duration ("5s", "1m30s", "500ms") or plain seconds ("5"); None if it is neither."""
+    if not isinstance(value, str) or len(value) > 32:
+        return None
+    if _GO_DURATION.fullmatch(value):
+        seconds = sum(float(number) * _SECONDS_PER[unit] for number, unit in _GO_UNIT.findall(value))
+    else:
+        try:
+            seconds = float(value)
+        except ValueError:
+            return None
+    return seconds if seconds == seconds and seconds != float("inf") else None
 
 
 # --- EndpointSlices -----------------------------------------------------------------------------------------

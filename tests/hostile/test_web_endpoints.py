@@ -20,6 +20,7 @@ from aproxy.backends.base import OperationResult
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.model import Operation
 from aproxy.core.state import IPVSState
+from aproxy.health.config import HealthCheckSettings
 from aproxy.settings import Settings
 from aproxy.web.healthz import Health
 from aproxy.web.server import Exposition, HealthSnapshot, ListenAddress, ListenError, WebServer
@@ -189,6 +190,7 @@ def test_the_daemon_refuses_to_start_on_a_taken_port_before_touching_the_kernel(
             backend="dry-run",
             healthz_address=address if listener == "healthz" else LOCAL,
             metrics_address=address if listener == "metrics" else LOCAL,
+            health_checks=HealthCheckSettings(enabled=False),  # the example's endpoints are not ours
         )
         code = asyncio.run(asyncio.wait_for(Daemon(settings, backend=kernel).run(handle_signals=False), 30))
     assert code == EXIT_FAILED

@@ -176,6 +176,7 @@ def test_run_dry_run_answers_healthz(rootfs: Path) -> None:
         *on_the_example(rootfs, "run"),
         "--backend",
         "dry-run",
+        "--no-health-checks",  # the example's pods are addresses on no network of ours: probe nothing
         "--healthz-bind-address",
         f"127.0.0.1:{healthz}",
         "--metrics-bind-address",

@@ -376,8 +376,13 @@ class EchoServers:
         future = asyncio.run_coroutine_threadsafe(self._start(space.name, sockets), self._loop)
         self._pods[space.name] = future.result(timeout=30)
 
-    async def _start(self, name: str, sockets: list[tuple[socket.SocketKind, socket.socket]]) -> _PodServers:
-        pod = _PodServers()
+    async def _start(
+        self,
+        name: str,
+        sockets: list[tuple[socket.SocketKind, socket.socket]],
+        pod: _PodServers | None = None,
+    ) -> _PodServers:
+        pod = pod if pod is not None else _PodServers()
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             pod.connections.add(writer)
@@ -402,6 +407,27 @@ class EchoServers:
                 transport, _ = await self._loop.create_datagram_endpoint(lambda: _UDPEcho(name), sock=sock)
                 pod.udp.append(transport)
         return pod
+
+    def stop_listening(self, space: Namespace) -> None:
+        """Close a pod's TCP listeners only: new connections are refused, open ones go on."""
+        pod = self._pods[space.name]
+        listeners, pod.tcp = pod.tcp, []
+
+        async def close() -> None:
+            for server in listeners:
+                server.close()  # Python 3.11: the listening sockets only, not the connections
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=30)
+
+    def listen_again(self, space: Namespace) -> None:
+        """Open a pod's TCP listeners again (after ``stop_listening``)."""
+        pod = self._pods[space.name]
+        sockets = [
+            (socket.SOCK_STREAM, _bound_socket(space.netns, family, socket.SOCK_STREAM, port))
+            for port in space.tcp_ports
+            for family in (socket.AF_INET, socket.AF_INET6)
+        ]
+        asyncio.run_coroutine_threadsafe(self._start(space.name, sockets, pod), self._loop).result(timeout=30)
 
     def stop(self, name: str) -> None:
         """Stop a pod's servers and close its open connections."""
@@ -513,6 +539,13 @@ class Lab:
         # Recorded first: a half-created namespace is still deleted by close().
         self._spaces.append(space)
         _create_namespace(space, gateway, gateway6)
+
+    def stop_listening(self, pod: Namespace) -> None:
+        """The pod's TCP servers stop listening (its open connections go on): a crashed or hung server."""
+        self._servers.stop_listening(pod)
+
+    def listen_again(self, pod: Namespace) -> None:
+        self._servers.listen_again(pod)
 
     def remove(self, space: Namespace) -> None:
         """Take a pod or client away (its servers stop, its connections close, its namespace goes)."""

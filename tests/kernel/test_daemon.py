@@ -104,6 +104,7 @@ def daemon(manifests: Path, state_file: Path, log: Path) -> Iterator[Daemon]:
         "127.0.0.1:0",
         "--metrics-bind-address",
         "127.0.0.1:0",
+        "--no-health-checks",  # these tests are about syncing; tests/kernel/test_health.py checks backends
     ]
     with log.open("wb") as output:
         process = subprocess.Popen(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT)

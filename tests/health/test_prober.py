@@ -1,0 +1,361 @@
+"""The prober and the checker against real loopback sockets: listeners that accept, ports that refuse,
+listeners whose full backlog never completes a handshake, connections reset; no TIME_WAIT left behind; and
+the time from a backend's failure to its weight-0 operation, through the daemon's real pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import json
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aproxy.app import Daemon
+from aproxy.backends.memory import MemoryBackend
+from aproxy.core import model
+from aproxy.core.model import L4Protocol, RealServerKey, ServiceKey, VirtualServerKey
+from aproxy.core.verdicts import HealthView
+from aproxy.health.checker import HealthChecker
+from aproxy.health.config import HealthCheckSettings
+from aproxy.health.prober import FAILED, OK, REFUSED, RESET, TIMEOUT, UNREACHABLE, Prober, classify
+from aproxy.health.states import Health
+from aproxy.settings import Settings
+from aproxy.web.server import ListenAddress
+from tests.core import k8s
+
+LOOPBACK = "127.0.0.1"
+STEP = 10.0
+
+
+def listener(backlog: int = 16) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    sock.listen(backlog)
+    return sock
+
+
+@contextmanager
+def accepting(host: str = LOOPBACK, port: int = 0) -> Iterator[socket.socket]:
+    """A listener that accepts and closes every connection (a thread), as a real server does: a listener
+    that never accepts fills its queue after a few checks, and then drops SYNs."""
+    sock = listener(backlog=128) if (host, port) == (LOOPBACK, 0) else _bound(host, port)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            if readable:
+                try:
+                    conn, _ = sock.accept()
+                except OSError:
+                    return
+                conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield sock
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+def _bound(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+def closed_port() -> socket.socket:
+    """A port that is bound (so nobody else takes it) but not listening: a SYN to it gets an RST."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    return sock
+
+
+@contextmanager
+def full_backlog() -> Iterator[socket.socket]:
+    """A listener whose accept queue is full and never drained: Linux drops further SYNs, so a connect
+    never completes (the same as a blackholed address, on loopback)."""
+    with ExitStack() as stack:
+        server = stack.enter_context(listener(backlog=0))
+        port = server.getsockname()[1]
+        for _ in range(2):  # listen(0) queues one; the second sits in SYN_RECV or the queue
+            client = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            client.setblocking(False)
+            client.connect_ex((LOOPBACK, port))
+        time.sleep(0.1)
+        yield server
+
+
+def key(sock: socket.socket) -> RealServerKey:
+    return RealServerKey(ip_address(LOOPBACK), sock.getsockname()[1])
+
+
+async def eventually(condition: Callable[[], bool], poll: float = 0.01) -> None:
+    """Poll ``condition`` (state the checker changes from callbacks) until it holds, within STEP."""
+    async with asyncio.timeout(STEP):
+        for _ in itertools.count():
+            if condition():
+                return
+            await asyncio.sleep(poll)
+
+
+async def probe(target: RealServerKey, limit: float = 0.5) -> tuple[str, float]:
+    answer: asyncio.Future[tuple[str, float]] = asyncio.get_running_loop().create_future()
+    prober = Prober(limit)
+    prober.start(target, (str(target.address), target.port), lambda _t, r, s: answer.set_result((r, s)))
+    result = await asyncio.wait_for(answer, STEP)
+    assert prober.inflight == 0
+    return result
+
+
+def time_wait_count(port: int) -> int:
+    """TIME_WAIT sockets (state 06) to or from ``port`` on this host, IPv4."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            local, remote, state = fields[1], fields[2], fields[3]
+            if state == "06" and port in (int(local.split(":")[1], 16), int(remote.split(":")[1], 16)):
+                count += 1
+    return count
+
+
+def test_a_listener_that_accepts_is_ok() -> None:
+    with listener() as server:
+        result, seconds = asyncio.run(probe(key(server)))
+    assert result == OK
+    assert seconds < 0.5
+
+
+def test_a_port_that_refuses() -> None:
+    with closed_port() as sock:
+        assert asyncio.run(probe(key(sock)))[0] == REFUSED
+
+
+def test_a_handshake_that_never_completes_times_out() -> None:
+    with full_backlog() as server:
+        result, seconds = asyncio.run(probe(key(server), limit=0.3))
+    assert result == TIMEOUT
+    assert 0.3 <= seconds < 2.0
+
+
+def test_a_connection_reset_after_the_handshake_still_counts_as_an_answer() -> None:
+    # A listener that resets everything it accepts answered the SYN: the check's success is the handshake.
+    with listener() as server:
+
+        async def scenario() -> str:
+            task = asyncio.create_task(probe(key(server)))
+            server.setblocking(False)
+            loop = asyncio.get_running_loop()
+            conn, _ = await loop.sock_accept(server)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            conn.close()
+            return (await task)[0]
+
+        assert asyncio.run(scenario()) == OK
+
+
+@pytest.mark.parametrize(
+    ("code", "result"),
+    [
+        (0, OK),
+        (errno.ECONNREFUSED, REFUSED),
+        (errno.ECONNRESET, RESET),
+        (errno.EHOSTUNREACH, UNREACHABLE),
+        (errno.ENETUNREACH, UNREACHABLE),
+        (errno.ETIMEDOUT, TIMEOUT),
+        (errno.EPROTO, FAILED),
+    ],
+)
+def test_classify(code: int, result: str) -> None:
+    assert classify(code) == result
+
+
+def test_probes_leave_no_time_wait_socket() -> None:
+    with listener(backlog=512) as server:
+        port = server.getsockname()[1]
+        server.setblocking(False)
+
+        async def scenario() -> list[str]:
+            results = []
+            for _ in range(200):
+                results.append((await probe(key(server)))[0])
+                try:  # the accepting side closes too, as a real server would
+                    conn, _ = server.accept()
+                    conn.close()
+                except BlockingIOError:
+                    pass
+            return results
+
+        results = asyncio.run(scenario())
+        assert results == [OK] * 200
+        assert time_wait_count(port) == 0
+
+
+# --- the checker -------------------------------------------------------------------------------------------
+
+
+def fast(**overrides: Any) -> HealthCheckSettings:
+    values: dict[str, Any] = {"interval": 0.1, "timeout": 0.2, "fall": 3, "rise": 2}
+    return HealthCheckSettings(**{**values, **overrides})
+
+
+def view_of(*targets: RealServerKey) -> HealthView:
+    """A view whose one service has these targets (as the syncer would index them)."""
+    view = HealthView()
+    virtual = model.VirtualServer(
+        VirtualServerKey(L4Protocol.TCP, ip_address("10.96.0.1"), 80),
+        model.VirtualServerSpec(),
+        "default/web",
+        tuple(model.RealServer(t.address, t.port) for t in targets),
+    )
+    key = ServiceKey("default", "web")
+    view.apply(key, None, model.ServiceState(key, (virtual,)))
+    return view
+
+
+def test_the_checker_drains_a_refusing_backend_and_restores_it() -> None:
+    with accepting() as good, closed_port() as bad:
+        bad_port = bad.getsockname()[1]
+        view = view_of(key(good), key(bad))
+        changes: list[frozenset[ServiceKey]] = []
+        checker = HealthChecker(fast(), view, changes.append)
+
+        async def scenario() -> None:
+            task = asyncio.create_task(checker.run())
+            await eventually(lambda: view.is_unhealthy(key(bad)))
+            assert checker.book.state(key(good)) is Health.HEALTHY
+            assert changes == [{ServiceKey("default", "web")}]
+            # The port starts listening: after `rise` successes, healthy again.
+            bad.listen(1024)  # never accepted: a 1024-deep queue outlasts the test
+            await eventually(lambda: not view.is_unhealthy(key(bad)))
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(scenario())
+        assert len(changes) == 2
+        assert checker.stats.transitions == {"healthy": 2, "unhealthy": 1}
+        assert checker.stats.checks[REFUSED] >= 3
+        assert checker.stats.targets == 2
+        assert bad_port
+
+
+def test_rate_limit_stretches_intervals_instead_of_bursting() -> None:
+    sockets = [closed_port() for _ in range(20)]
+    try:
+        view = view_of(*(key(s) for s in sockets))
+        checker = HealthChecker(fast(interval=0.5, max_rate=10.0, fall=100), view, lambda _: None)
+
+        async def scenario() -> int:
+            task = asyncio.create_task(checker.run())
+            await asyncio.sleep(1.0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return sum(checker.stats.checks.values())
+
+        started = asyncio.run(scenario())
+        # 20 targets every 0.5 s want 40 checks/s; the budget is 10/s: stretched 4 times.
+        assert checker.stats.stretch_ratio == pytest.approx(4.0)
+        assert started <= 10 * 1.0 + 10  # about a second's budget, never the 40 asked for
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_concurrency_limit_bounds_checks_in_flight() -> None:
+    with ExitStack() as stack:
+        # Three targets that never answer, each check lasting its whole timeout: one in flight at a time.
+        silent = [stack.enter_context(full_backlog()) for _ in range(3)]
+        view = view_of(*(key(server) for server in silent))
+        checker = HealthChecker(fast(concurrency=1, timeout=0.3), view, lambda _: None)
+        seen: list[int] = []
+
+        async def scenario() -> None:
+            task = asyncio.create_task(checker.run())
+            for _ in range(30):
+                await asyncio.sleep(0.03)
+                assert checker._prober is not None
+                seen.append(checker._prober.inflight)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(scenario())
+        assert max(seen) == 1
+        assert checker.stats.checks[TIMEOUT] >= 2
+
+
+def test_detection_time_through_the_daemon(tmp_path: Path) -> None:
+    """From a backend's failure to its weight-0 operation: within interval x fall + timeout + one interval
+    of jitter (plus the kernel loop's --min-sync-period, which batches changes)."""
+    with accepting() as doomed:
+        port = doomed.getsockname()[1]
+        spare = "127.0.0.2"  # all of 127/8 is this host: a second backend on the same port
+        with accepting(spare, port):
+            elapsed, bound = _detect(tmp_path, doomed, port, spare)
+    assert elapsed <= bound + 0.25  # the slack of a loaded 2-core host's scheduling
+
+
+def _detect(tmp_path: Path, doomed: socket.socket, port: int, spare: str) -> tuple[float, float]:
+    """Run the daemon on a manifest with two backends; close ``doomed``; the time until its weight is 0."""
+    manifest = tmp_path / "cluster.yaml"
+    objects = [
+        k8s.service(),
+        k8s.endpoint_slice(
+            endpoints=[k8s.endpoint(LOOPBACK), k8s.endpoint(spare)], ports=[k8s.slice_port(port=port)]
+        ),
+    ]
+    manifest.write_text("\n---\n".join(json.dumps(obj) for obj in objects))
+    health = fast(interval=0.2, timeout=0.2, fall=3)
+    min_sync = 0.05
+    settings = Settings(
+        node_name="node-a",
+        sources=(manifest,),
+        backend="dry-run",
+        healthz_address=ListenAddress(LOOPBACK, 0),
+        metrics_address=ListenAddress(LOOPBACK, 0),
+        min_sync_period=min_sync,
+        health_checks=health,
+    )
+    backend = MemoryBackend()
+    daemon = Daemon(settings, backend=backend)
+    virtual = VirtualServerKey(L4Protocol.TCP, ip_address("10.96.0.1"), 80)
+    real = RealServerKey(ip_address(LOOPBACK), port)
+
+    async def scenario() -> float:
+        stop = asyncio.Event()
+        task = asyncio.create_task(daemon.run(stop, handle_signals=False))
+        checker = daemon.health_checker
+        assert checker is not None
+        await eventually(lambda: backend.dump_sync().weight(virtual, real) == 1)
+        await eventually(lambda: checker.book.state(real) is Health.HEALTHY)
+        doomed.close()
+        failed_at = time.monotonic()
+        await eventually(lambda: backend.dump_sync().weight(virtual, real) == 0, poll=0.005)
+        elapsed = time.monotonic() - failed_at
+        assert backend.dump_sync().weight(virtual, RealServerKey(ip_address(spare), port)) == 1
+        stop.set()
+        assert await asyncio.wait_for(task, STEP) == 0
+        return elapsed
+
+    elapsed = asyncio.run(scenario())
+    jitter = 1 + 0.1
+    return elapsed, health.interval * jitter * health.fall + health.timeout + health.interval + min_sync
