@@ -37,6 +37,7 @@ from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.debounce import SyncScheduler
 from aproxy.core.drain import DrainClock
+from aproxy.core.latency import ProgrammingLatency, slice_service, trigger_time
 from aproxy.core.model import ServiceKey
 from aproxy.core.translate import TranslationContext
 from aproxy.core.verdicts import HealthView
@@ -73,20 +74,35 @@ class StopRequested(Exception):
 
 
 class _Intake:
-    """The ``ObjectSink`` the source feeds: the tracker, plus a nudge to the kernel loop on every change."""
+    """The ``ObjectSink`` the source feeds: the tracker, plus a nudge to the kernel loop on every change, and
+    the change's trigger time for the network programming latency."""
 
-    def __init__(self, tracker: ChangeTracker, changed: Callable[[], None]) -> None:
+    def __init__(
+        self, tracker: ChangeTracker, changed: Callable[[], None], latency: ProgrammingLatency
+    ) -> None:
         self._tracker = tracker
         self._changed = changed
+        self._latency = latency
 
     def upsert_service(self, raw: dict[str, Any]) -> bool:
-        return self._nudge(self._tracker.upsert_service(raw))
+        dirty = self._nudge(self._tracker.upsert_service(raw))
+        # A Service has no trigger stamp: its arrival, once listing is over (the list's are not changes).
+        if dirty and self._tracker.initialized:
+            metadata = raw.get("metadata") or {}
+            key = ServiceKey(str(metadata.get("namespace", "")), str(metadata.get("name", "")))
+            self._latency.record(key, time.time())
+        return dirty
 
     def delete_service(self, namespace: str, name: str) -> bool:
         return self._nudge(self._tracker.delete_service(namespace, name))
 
     def upsert_slice(self, raw: dict[str, Any]) -> bool:
-        return self._nudge(self._tracker.upsert_slice(raw))
+        dirty = self._nudge(self._tracker.upsert_slice(raw))
+        if dirty:
+            key, trigger = slice_service(raw), trigger_time(raw)
+            if key is not None and trigger is not None:
+                self._latency.record(key, trigger)
+        return dirty
 
     def delete_slice(self, namespace: str, name: str) -> bool:
         return self._nudge(self._tracker.delete_slice(namespace, name))
@@ -123,6 +139,7 @@ class Daemon:
             retry_interval=settings.retry.initial,
         )
         self.stats = LoopStats()
+        self.latency = ProgrammingLatency(started=time.time())
         self.source: Source | None = source
         # Backend health checks: verdicts reach the kernel only as dirty services (aproxy/health/).
         self.health_view = HealthView(fail_closed=settings.health_checks.fail_closed)
@@ -147,6 +164,8 @@ class Daemon:
             sync_duration=self.metrics.sync_duration,
             audit_duration=self.metrics.audit_duration,
             collection=self._startup_collection,
+            latency=self.latency,
+            programming_duration=self.metrics.programming_duration,
         )
         self.web = WebServer(
             healthz_address=settings.healthz_address,
@@ -155,7 +174,7 @@ class Daemon:
             metrics=lambda: Exposition(self.metrics.exposition(), self.metrics.content_type),
         )
         self._backend = backend
-        self._intake = _Intake(self.tracker, self.loop.changed)
+        self._intake = _Intake(self.tracker, self.loop.changed, self.latency)
         self.health_checker: HealthChecker | None = None
         if settings.health_checks.enabled:
             self.health_checker = HealthChecker(

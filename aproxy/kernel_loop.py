@@ -35,6 +35,8 @@ from aproxy.backends.base import BackendError
 from aproxy.core.backoff import Backoff, RetryPolicy
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.debounce import SyncScheduler
+from aproxy.core.latency import ProgrammingLatency
+from aproxy.core.model import ServiceKey
 from aproxy.startup_gc import StartupCollection
 from aproxy.syncer import Syncer, SyncReport
 
@@ -84,6 +86,8 @@ class KernelLoop:
         sync_duration: DurationObserver,
         audit_duration: DurationObserver,
         collection: StartupCollection,
+        latency: ProgrammingLatency | None = None,
+        programming_duration: DurationObserver | None = None,
     ) -> None:
         self._tracker = tracker
         self._scheduler = scheduler
@@ -93,6 +97,9 @@ class KernelLoop:
         self.syncer: Syncer | None = None
         self.initial_sync_done = False
         self._sync_duration = sync_duration
+        # Network programming latency: the changes a sync pass takes, observed when it has programmed them.
+        self._latency = latency if latency is not None else ProgrammingLatency(time.time())
+        self._programming_duration = programming_duration
         self._audit_duration = audit_duration
         self._collection = collection
         self._wake = asyncio.Event()
@@ -160,6 +167,7 @@ class KernelLoop:
         kind = "start" if full else "sync"
         self._scheduler.started(now)
         began = time.perf_counter()
+        taken = self._latency.take()  # the pass takes every dirty service, so every pending change
         report: SyncReport | None = None
         try:
             report = await (syncer.start() if full else syncer.sync())
@@ -171,6 +179,7 @@ class KernelLoop:
         else:
             self._needs_full = False
         self._sync_duration.observe(time.perf_counter() - began)
+        self._observe_programming(taken, report)
         ok = report is not None and report.ok
         if ok:
             self.backoff.succeeded()
@@ -185,6 +194,15 @@ class KernelLoop:
             _log_report(report, self.stats.retry_delay)
             if full and not self.initial_sync_done:
                 self._initial_sync_finished(report)
+
+    def _observe_programming(self, taken: dict[ServiceKey, list[float]], report: SyncReport | None) -> None:
+        if report is None:
+            self._latency.abandon(taken)  # nothing reached the kernel: the next (full) sync programs them
+            return
+        durations = self._latency.settle(taken, report.failed_services, time.time())
+        if self._programming_duration is not None:
+            for duration in durations:
+                self._programming_duration.observe(duration)
 
     def _initial_sync_finished(self, report: SyncReport) -> None:
         self.initial_sync_done = True

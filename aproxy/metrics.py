@@ -11,6 +11,9 @@ Metrics:
 
 - ``kubeproxy_sync_proxy_rules_duration_seconds`` (histogram, 1 ms x 2^k, 15 buckets): start-up and
   incremental sync passes. ``aproxy_audit_duration_seconds`` (same buckets): the periodic full comparison.
+- ``kubeproxy_network_programming_duration_seconds`` (histogram, kube-proxy's buckets): from a change's
+  trigger time (an EndpointSlice's ``endpoints.kubernetes.io/last-change-trigger-time``, a Service change's
+  arrival) to the end of the sync pass that programmed it (aproxy/core/latency.py).
 - ``kubeproxy_sync_proxy_rules_last_timestamp_seconds``: wall-clock time of the last successful sync;
   ``kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds``: of the last change queued for a sync.
 - ``kubeproxy_sync_proxy_rules_service_changes_total`` / ``_endpoint_changes_total``: Service and
@@ -62,6 +65,14 @@ PREFIX: Final = "aproxy"
 KUBE_PROXY: Final = "kubeproxy"
 # kube-proxy's buckets: 1 ms x 2^k, 15 of them (up to ~16 s).
 DURATION_BUCKETS: Final = tuple(0.001 * 2**k for k in range(15))
+# kube-proxy's network programming buckets: 0.25 s, 0.5 s, 1-59 s by 1, 60-115 s by 5, 120-300 s by 30.
+PROGRAMMING_BUCKETS: Final = (
+    0.25,
+    0.5,
+    *range(1, 60),
+    *range(60, 120, 5),
+    *range(120, 301, 30),
+)
 # client-go's, as aproxy.sources.kube.requests counts them (metrics must not import the Kubernetes source).
 REST_CLIENT_BUCKETS: Final = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 # A check on a LAN answers in well under a millisecond; a timeout is seconds: 0.1 ms x 2^k, up to ~3.3 s.
@@ -107,6 +118,12 @@ class DaemonMetrics:
             f"{KUBE_PROXY}_sync_proxy_rules_duration_seconds",
             "Duration of a sync pass (start-up or incremental): translate, plan, apply.",
             buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.programming_duration = Histogram(
+            f"{KUBE_PROXY}_network_programming_duration_seconds",
+            "From a change's trigger time to the kernel accepting it (kube-proxy's SLI).",
+            buckets=PROGRAMMING_BUCKETS,
             registry=self.registry,
         )
         self.audit_duration = Histogram(
