@@ -23,6 +23,7 @@ from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, operation_to_dict
 from aproxy.core.translate import TranslationContext
 from aproxy.settings import Settings, SettingsError, period_floor_problems
+from aproxy.sources.file import FileSourceSettings
 from aproxy.sources.manifest import ManifestError, load_manifests
 from aproxy.syncer import Syncer, SyncReport, desired_all, log_skips
 from aproxy.web.server import ListenAddress, ListenAddressError
@@ -191,7 +192,31 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
             metavar="HOST:PORT",
             help=f"{what} (default: {address})",
         )
+    _add_file_source_options(run)
     run.set_defaults(handler=_run)
+
+
+def _add_file_source_options(parser: argparse.ArgumentParser) -> None:
+    defaults = FileSourceSettings()
+    parser.add_argument(
+        "--source-settle-period",
+        type=_duration,
+        default=defaults.settle_period,
+        metavar="DURATION",
+        help="how long manifest files must be quiet before a change is read, so that a file written in "
+        f"place is not read half-written ({defaults.settle_period:g} s)",
+    )
+
+
+def _file_source_settings(args: argparse.Namespace) -> FileSourceSettings:
+    return FileSourceSettings(settle_period=args.source_settle_period)
+
+
+def _check_sources_exist(sources: Sequence[Path]) -> None:
+    """A --source that does not exist is a ManifestError (exit 2), not a daemon waiting for it forever."""
+    for path in sources:
+        if not path.exists():
+            raise ManifestError(f"--source {path}: No such file or directory")
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
@@ -200,6 +225,8 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 def _duration(text: str) -> float:
     """Seconds: a plain number, or Go-style units as kube-proxy's flags take them ("1m30s", "500ms")."""
+    if text.startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid duration: {text!r} (must not be negative)")
     try:
         seconds = float(text)
     except ValueError:
@@ -210,7 +237,7 @@ def _duration(text: str) -> float:
             ) from None
         seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
     if not math.isfinite(seconds) or seconds < 0:
-        raise argparse.ArgumentTypeError(f"invalid duration: {text!r}")
+        raise argparse.ArgumentTypeError(f"invalid duration: {text!r} (must be finite and >= 0)")
     return seconds
 
 
@@ -377,10 +404,12 @@ def _run(args: argparse.Namespace) -> int:
             ipvs=_settings(args),
             healthz_address=args.healthz_bind_address,
             metrics_address=args.metrics_bind_address,
+            file_source=_file_source_settings(args),
         )
     except SettingsError as exc:
         print(f"aproxy run: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    _check_sources_exist(settings.sources)
     return app.main(settings)
 
 
@@ -394,8 +423,24 @@ def _cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_NEGATIVE_VALUE = re.compile(r"-[\d.]")
+
+
+def _negative_values_attached(argv: Sequence[str]) -> list[str]:
+    """``--flag -1s`` as ``--flag=-1s``: argparse takes ``-1s`` for an option (``expected one argument``);
+    attached, the flag's own type check names the flag and the value. aproxy has no option that looks like
+    ``-<digit>`` and no positional argument a negative number could be."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _NEGATIVE_VALUE.match(token):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_negative_values_attached(sys.argv[1:] if argv is None else argv))
     logs.configure(args.log_level, args.log_format)
     try:
         return int(args.handler(args))

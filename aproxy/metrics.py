@@ -21,7 +21,8 @@ Metrics:
 - ``aproxy_ipvs_operations_total{op,result}``; ``aproxy_audit_repairs_total``;
   ``aproxy_virtual_server_conflicts_total``; ``aproxy_draining_real_servers``.
 - ``aproxy_objects_skipped_total{kind}``; ``aproxy_services``, ``aproxy_endpoint_slices`` (objects held).
-- ``aproxy_source_*``: whichever counters the source keeps (see ``SOURCE_COUNTERS``).
+- ``aproxy_source_*``: whichever counters the source keeps (see ``SOURCE_COUNTERS``); the file source's
+  ``aproxy_source_objects_held`` (gauge).
 - ``process_*`` from prometheus_client's process collector.
 """
 
@@ -122,6 +123,7 @@ class _LiveCollector:
         yield from self._loop_metrics()
         yield from self._syncer_metrics(self._syncer())
         yield from source_metrics(self._source())
+        yield from file_source_gauges(self._source())
 
     def _tracker_metrics(self) -> Iterator[Metric]:
         tracker = self._tracker
@@ -213,6 +215,17 @@ def source_metrics(source: object) -> Iterator[Metric]:
             yield _labelled_counter(name, help_text, label, value)
         elif isinstance(value, int) and not isinstance(value, bool):
             yield _counter(name, help_text, value)
+
+
+def file_source_gauges(source: object) -> Iterator[Metric]:
+    """The file source's objects held at their last good version (a file has them invalid)."""
+    held = getattr(source, "objects_held", None)
+    if isinstance(held, int) and not isinstance(held, bool):
+        yield _gauge(
+            "source_objects_held",
+            "Objects whose file version is invalid, kept at their last good version.",
+            held,
+        )
 
 
 def _counter(name: str, help_text: str, value: float) -> Metric:

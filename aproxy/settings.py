@@ -11,6 +11,7 @@ from aproxy.backends.ipvs import IPVSSettings
 from aproxy.core.backoff import RetryPolicy
 from aproxy.core.drain import DEFAULT_GRACE_PERIOD
 from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress
+from aproxy.sources.file import FileSourceSettings
 from aproxy.web.server import ListenAddress
 
 BackendKind = Literal["ipvs", "dry-run"]
@@ -69,6 +70,8 @@ class Settings:
     ipvs: IPVSSettings = field(default_factory=IPVSSettings)
     healthz_address: ListenAddress = DEFAULT_HEALTHZ_ADDRESS
     metrics_address: ListenAddress = DEFAULT_METRICS_ADDRESS
+    # How manifest files are re-read (the settle period); unused with the Kubernetes source.
+    file_source: FileSourceSettings = field(default_factory=FileSourceSettings)
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -101,4 +104,5 @@ class Settings:
         if self.drain_grace_period < 0:
             problems.append("the drain grace period must be >= 0")
         problems.extend(self.retry.problems())
+        problems.extend(self.file_source.problems())
         return problems
