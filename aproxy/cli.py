@@ -278,6 +278,8 @@ def _settings(args: argparse.Namespace) -> IPVSSettings:
 def tracker_from_manifests(paths: Sequence[Path]) -> ChangeTracker:
     """A tracker holding the manifests' Services and EndpointSlices, both listed (raises ManifestError)."""
     manifests = load_manifests(paths)
+    for line in manifests.ignored:
+        log.warning("object ignored", extra={"reason": line})
     tracker = ChangeTracker()
     for service in manifests.services:
         tracker.upsert_service(service)
@@ -327,6 +329,7 @@ def _plan(args: argparse.Namespace) -> int:
             return EXIT_FAILED
     states = desired_all(tracker, _context(args))
     log_skips(tracker.new_skips())
+    _warn_node_ports_unplanned(tracker, args)
     view = render.node_view(states.values())
     for conflict in view.conflicts:
         log.warning(
@@ -342,6 +345,18 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render.to_text(view))
     return EXIT_OK
+
+
+def _warn_node_ports_unplanned(tracker: ChangeTracker, args: argparse.Namespace) -> None:
+    """Without a node address a NodePort has nowhere to listen: say so once, not silently plan without it."""
+    if args.node_ip:
+        return
+    services = [key for key in tracker.services() if (info := tracker.inputs(key)[0]) and info.node_ports]
+    if services:
+        log.warning(
+            "NodePort virtual servers are not planned: no --node-ip given",
+            extra={"services": len(services), "example": min(map(str, services))},
+        )
 
 
 def _sync(args: argparse.Namespace) -> int:
