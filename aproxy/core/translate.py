@@ -50,7 +50,7 @@ from aproxy.core.model import (
     VirtualServerKey,
     VirtualServerSpec,
 )
-from aproxy.core.objects import Endpoint, ServiceInfo, Skip, SliceInfo
+from aproxy.core.objects import Endpoint, ServiceInfo, Skip, SliceInfo, SlicePort
 
 MH_SOURCE_PORT_FLAG = "flag-2"  # IP_VS_SVC_F_SCHED2, "mh-port" for the mh scheduler
 _MH_FLAGS = frozenset({MH_SOURCE_PORT_FLAG})
@@ -115,6 +115,15 @@ def translate_service(
 
 def _slice_name(endpoint_slice: SliceInfo) -> str:
     return endpoint_slice.name
+
+
+def unmatched_slice_ports(service: ServiceInfo, endpoint_slice: SliceInfo) -> tuple[SlicePort, ...]:
+    """The slice's ports that no port of ``service`` names (same name and protocol): translation never
+    reads them, so their endpoints serve nothing. None for a service that yields nothing anyway."""
+    if service.yields_nothing or endpoint_slice.ignored or not endpoint_slice.family:
+        return ()
+    wanted = {(port.name, port.protocol) for port in service.ports}
+    return tuple(port for port in endpoint_slice.ports if (port.name, port.protocol) not in wanted)
 
 
 def translate_all(

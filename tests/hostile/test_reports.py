@@ -170,3 +170,38 @@ def test_a_daemon_whose_file_does_not_parse_turns_healthz_503_then_200_when_fixe
             return statuses
 
     assert test_app.run(scenario()) == [200, 503, 200, 200]
+
+
+def test_slice_ports_that_match_no_service_port_are_reported_once_while_they_last() -> None:
+    from aproxy.core.changes import ChangeTracker
+
+    def web(*names: str) -> dict[str, object]:
+        return service("web", ports=[port(name, 80 + index) for index, name in enumerate(names)])
+
+    def web_slice(*addresses: str) -> dict[str, object]:
+        return endpoint_slice(
+            "web",
+            endpoints=[endpoint(address) for address in addresses],
+            ports=[slice_port("http", 8080), slice_port("metrics", 9090)],
+        )
+
+    tracker = ChangeTracker()
+    tracker.upsert_service(web("http"))
+    tracker.upsert_slice(web_slice("10.244.1.5"))
+    [skip] = tracker.new_skips()
+    assert str(skip).startswith("warning: EndpointSlice default/web-")
+    assert skip.reason == "port metrics/TCP matches no port of Service default/web"
+    tracker.upsert_slice(web_slice("10.244.1.5", "10.244.1.6"))  # still unmatched: not again
+    tracker.upsert_service(web("http", "other"))  # a service change, still unmatched: not again
+    assert tracker.new_skips() == []
+    tracker.upsert_service(web("http", "metrics"))  # matched now
+    tracker.upsert_service(web("http"))  # unmatched again: reported again
+    assert [s.reason for s in tracker.new_skips()] == [skip.reason]
+    assert tracker.skip_counts[("EndpointSlice", skip.severity)] == 2
+
+
+def test_plan_reports_an_unmatched_slice_port(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    web_slice = endpoint_slice("web", endpoints=[endpoint("10.244.1.5")], ports=[slice_port("metrics", 9090)])
+    _plan(tmp_path, [service("web", ports=[port("http", 80)]), web_slice])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "matches no port" in line]
+    assert len(lines) == 1 and "port metrics/TCP matches no port of Service default/web" in lines[0]
