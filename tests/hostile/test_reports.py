@@ -205,3 +205,12 @@ def test_plan_reports_an_unmatched_slice_port(tmp_path: Path, capsys: pytest.Cap
     _plan(tmp_path, [service("web", ports=[port("http", 80)]), web_slice])
     lines = [line for line in capsys.readouterr().err.splitlines() if "matches no port" in line]
     assert len(lines) == 1 and "port metrics/TCP matches no port of Service default/web" in lines[0]
+
+
+def test_plan_shows_an_object_a_running_daemon_would_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _plan(tmp_path, [service("web", ports=[port("http", 70000)])])
+    lines = [line for line in capsys.readouterr().err.splitlines() if "default/web" in line]
+    assert len(lines) == 1
+    assert "skipped object" in lines[0] and "invalid port 70000" in lines[0]
