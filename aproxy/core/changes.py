@@ -131,10 +131,11 @@ class ChangeTracker:
         self._slices[(parsed.namespace, parsed.name)] = parsed
         key = parsed.service_key
         self._index(key, parsed)
-        self._report_slice_ports(self._services.get(key), parsed)
         # Other addresses (most updates) mean other endpoints: no need to compare them one by one.
         if old is not None and old.address_ids == parsed.address_ids and old == parsed:
             return False
+        # Only a changed slice: an unchanged one's ports were checked against this very service already.
+        self._report_slice_ports(self._services.get(key), parsed)
         if old is not None and old.service_name != parsed.service_name:
             # Relabelled: the old service loses these endpoints, the new one gains them.
             self._unindex(old)
@@ -284,6 +285,9 @@ class ChangeTracker:
     def _report_slice_ports(self, service: ServiceInfo | None, endpoint_slice: SliceInfo) -> None:
         """Warn once about slice ports no port of the service names (their endpoints serve nothing)."""
         unmatched = () if service is None else unmatched_slice_ports(service, endpoint_slice)
+        ident = (_SLICE_PORTS, endpoint_slice.namespace, endpoint_slice.name)
+        if not unmatched and ident not in self._active_skips:
+            return  # the common case, without building anything
         skips = tuple(
             Skip(
                 SLICE_KIND,
@@ -295,7 +299,7 @@ class ChangeTracker:
             )
             for port in unmatched
         )
-        self._report((_SLICE_PORTS, endpoint_slice.namespace, endpoint_slice.name), skips)
+        self._report(ident, skips)
 
     def _report(self, ident: _ObjectId, skips: tuple[Skip, ...]) -> None:
         """Make ``skips`` the object's current ones; those it did not have already are new reports."""

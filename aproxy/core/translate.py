@@ -122,8 +122,18 @@ def unmatched_slice_ports(service: ServiceInfo, endpoint_slice: SliceInfo) -> tu
     reads them, so their endpoints serve nothing. None for a service that yields nothing anyway."""
     if service.yields_nothing or endpoint_slice.ignored or not endpoint_slice.family:
         return ()
-    wanted = {(port.name, port.protocol) for port in service.ports}
-    return tuple(port for port in endpoint_slice.ports if (port.name, port.protocol) not in wanted)
+    ports = service.ports
+    if len(ports) > _SCANNED_PORTS:  # indexed: 10,000 ports against 10,000 would be 10^8 comparisons
+        wanted = {(port.name, port.protocol) for port in ports}
+        return tuple(port for port in endpoint_slice.ports if (port.name, port.protocol) not in wanted)
+    unmatched: tuple[SlicePort, ...] = ()
+    for slice_port in endpoint_slice.ports:  # every slice update comes here: no set, no generator
+        for port in ports:
+            if port.name == slice_port.name and port.protocol is slice_port.protocol:
+                break
+        else:
+            unmatched += (slice_port,)
+    return unmatched
 
 
 def translate_all(
