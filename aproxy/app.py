@@ -45,7 +45,7 @@ from aproxy.health.checker import HealthChecker, HealthStats
 from aproxy.kernel_loop import KernelLoop, LoopSettings, LoopStats
 from aproxy.metrics import DaemonMetrics
 from aproxy.settings import Settings
-from aproxy.sources.base import ListedKind, Source
+from aproxy.sources.base import ListedKind, Pending, Source
 from aproxy.sources.file import FileSource
 from aproxy.startup_gc import StartupCollection
 from aproxy.syncer import Syncer
@@ -260,7 +260,11 @@ class Daemon:
         if self.source is not None:
             return self.source
         if self.settings.sources:
-            return FileSource(self.settings.sources)
+            return FileSource(
+                self.settings.sources,
+                settle_period=self.settings.file_source.settle_period,
+                retry=self.settings.retry,
+            )
         try:
             from aproxy.sources.kube.config import load_config
             from aproxy.sources.kube.errors import KubernetesConfigError
@@ -333,6 +337,7 @@ class Daemon:
             self.loop.initial_sync_done,
             node_eligible=self.node is None or self.node.eligible,
             node_reason=self.node.reason if self.node is not None else "",
+            source_pending_since=self.source.pending_since if isinstance(self.source, Pending) else None,
         )
         return HealthSnapshot(verdict, self.stats.last_sync_wall, time.time())
 

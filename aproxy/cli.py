@@ -41,6 +41,7 @@ from aproxy.core.verdicts import HealthView
 from aproxy.health.config import SCOPES, HealthCheckSettings
 from aproxy.health.oneshot import judge_once
 from aproxy.settings import Settings, SettingsError, period_floor_problems
+from aproxy.sources.file import FileSourceSettings
 from aproxy.sources.manifest import ManifestError, load_manifests
 from aproxy.syncer import Syncer, SyncReport, desired_all, log_fail_open, log_skips
 from aproxy.web.server import ListenAddress, ListenAddressError
@@ -219,6 +220,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
             help=f"{what} (default: {address})",
         )
     _add_health_check_options(run)
+    _add_file_source_options(run)
     run.set_defaults(handler=_run)
 
 
@@ -300,12 +302,37 @@ def _health_check_settings(args: argparse.Namespace) -> HealthCheckSettings:
     )
 
 
+def _add_file_source_options(parser: argparse.ArgumentParser) -> None:
+    defaults = FileSourceSettings()
+    parser.add_argument(
+        "--source-settle-period",
+        type=_duration,
+        default=defaults.settle_period,
+        metavar="DURATION",
+        help="how long manifest files must be quiet before a change is read, so that a file written in "
+        f"place is not read half-written ({defaults.settle_period:g} s)",
+    )
+
+
+def _file_source_settings(args: argparse.Namespace) -> FileSourceSettings:
+    return FileSourceSettings(settle_period=args.source_settle_period)
+
+
+def _check_sources_exist(sources: Sequence[Path]) -> None:
+    """A --source that does not exist is a ManifestError (exit 2), not a daemon waiting for it forever."""
+    for path in sources:
+        if not path.exists():
+            raise ManifestError(f"--source {path}: No such file or directory")
+
+
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 def _duration(text: str) -> float:
     """Seconds: a plain number, or Go-style units as kube-proxy's flags take them ("1m30s", "500ms")."""
+    if text.startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid duration: {text!r} (must not be negative)")
     try:
         seconds = float(text)
     except ValueError:
@@ -316,7 +343,7 @@ def _duration(text: str) -> float:
             ) from None
         seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
     if not math.isfinite(seconds) or seconds < 0:
-        raise argparse.ArgumentTypeError(f"invalid duration: {text!r}")
+        raise argparse.ArgumentTypeError(f"invalid duration: {text!r} (must be finite and >= 0)")
     return seconds
 
 
@@ -357,6 +384,8 @@ def _settings(args: argparse.Namespace) -> IPVSSettings:
 def tracker_from_manifests(paths: Sequence[Path]) -> ChangeTracker:
     """A tracker holding the manifests' Services and EndpointSlices, both listed (raises ManifestError)."""
     manifests = load_manifests(paths)
+    for line in manifests.ignored:
+        log.warning("object ignored", extra={"reason": line})
     tracker = ChangeTracker()
     for service in manifests.services:
         tracker.upsert_service(service)
@@ -409,6 +438,7 @@ def _plan(args: argparse.Namespace) -> int:
     log_skips(tracker.new_skips())
     if health is not None:
         log_fail_open(health)
+    _warn_node_ports_unplanned(tracker, args)
     view = render.node_view(states.values())
     for conflict in view.conflicts:
         log.warning(
@@ -424,6 +454,18 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render.to_text(view))
     return EXIT_OK
+
+
+def _warn_node_ports_unplanned(tracker: ChangeTracker, args: argparse.Namespace) -> None:
+    """Without a node address a NodePort has nowhere to listen: say so once, not silently plan without it."""
+    if args.node_ip:
+        return
+    services = [key for key in tracker.services() if (info := tracker.inputs(key)[0]) and info.node_ports]
+    if services:
+        log.warning(
+            "NodePort virtual servers are not planned: no --node-ip given",
+            extra={"services": len(services), "example": min(map(str, services))},
+        )
 
 
 def _sync(args: argparse.Namespace) -> int:
@@ -510,10 +552,12 @@ def _run(args: argparse.Namespace) -> int:
             healthz_address=args.healthz_bind_address,
             metrics_address=args.metrics_bind_address,
             health_checks=_health_check_settings(args),
+            file_source=_file_source_settings(args),
         )
     except SettingsError as exc:
         print(f"aproxy run: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    _check_sources_exist(settings.sources)
     return app.main(settings)
 
 
@@ -527,10 +571,27 @@ def _cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_NEGATIVE_VALUE = re.compile(r"-[\d.]")
+
+
+def _negative_values_attached(argv: Sequence[str]) -> list[str]:
+    """``--flag -1s`` as ``--flag=-1s``: argparse takes ``-1s`` for an option (``expected one argument``);
+    attached, the flag's own type check names the flag and the value. aproxy has no option that looks like
+    ``-<digit>`` and no positional argument a negative number could be."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _NEGATIVE_VALUE.match(token):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = _negative_values_attached(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        config_warnings = _apply_config_files(args, sys.argv[1:] if argv is None else argv)
+        config_warnings = _apply_config_files(args, argv)
     except (ConfigFileError, ManifestError) as exc:
         print(f"aproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -28,13 +28,14 @@ Metrics:
 - ``aproxy_ipvs_operations_total{op,result}``; ``aproxy_audit_repairs_total``;
   ``aproxy_virtual_server_conflicts_total``; ``aproxy_draining_real_servers``.
 - ``aproxy_objects_skipped_total{kind}``; ``aproxy_services``, ``aproxy_endpoint_slices`` (objects held).
-- ``aproxy_source_*``: whichever counters the source keeps (see ``SOURCE_COUNTERS``).
 - Backend health checks (``health_metrics``): ``aproxy_health_checks_total{result}`` (ok, refused, reset,
   unreachable, timeout, failed; error: the node's own trouble), ``aproxy_health_check_duration_seconds``
   (histogram, 0.1 ms x 2^k), ``aproxy_health_transitions_total{to}`` (healthy, unhealthy),
   ``aproxy_backends_unhealthy``, ``aproxy_virtual_servers_failing_open``,
   ``aproxy_health_check_interval_stretch_ratio`` (1: every check on time; 2: the rate limit doubled the
   intervals), ``aproxy_health_check_targets``.
+- ``aproxy_source_*``: whichever counters the source keeps (see ``SOURCE_COUNTERS``); the file source's
+  ``aproxy_source_objects_held`` (gauge).
 - ``process_*`` from prometheus_client's process collector.
 """
 
@@ -168,6 +169,7 @@ class _LiveCollector:
         yield from self._syncer_metrics(self._syncer())
         yield from source_metrics(self._source())
         yield from rest_client_metrics(self._source())
+        yield from file_source_gauges(self._source())
 
     def _tracker_metrics(self) -> Iterator[Metric]:
         tracker = self._tracker
@@ -322,6 +324,17 @@ def rest_client_metrics(source: object) -> Iterator[Metric]:
         bounds = [*(f"{bound:g}" for bound in REST_CLIENT_BUCKETS), "+Inf"]
         durations.add_metric(list(labels), list(zip(bounds, cumulative, strict=True)), histogram.total)
     yield durations
+
+
+def file_source_gauges(source: object) -> Iterator[Metric]:
+    """The file source's objects held at their last good version (a file has them invalid)."""
+    held = getattr(source, "objects_held", None)
+    if isinstance(held, int) and not isinstance(held, bool):
+        yield _gauge(
+            "source_objects_held",
+            "Objects whose file version is invalid, kept at their last good version.",
+            held,
+        )
 
 
 def _counter(name: str, help_text: str, value: float, *, prefix: str = PREFIX) -> Metric:

@@ -12,6 +12,7 @@ from aproxy.core.backoff import RetryPolicy
 from aproxy.core.drain import DEFAULT_GRACE_PERIOD
 from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress
 from aproxy.health.config import HealthCheckSettings
+from aproxy.sources.file import FileSourceSettings
 from aproxy.web.server import ListenAddress
 
 BackendKind = Literal["ipvs", "dry-run"]
@@ -71,6 +72,8 @@ class Settings:
     healthz_address: ListenAddress = DEFAULT_HEALTHZ_ADDRESS
     metrics_address: ListenAddress = DEFAULT_METRICS_ADDRESS
     health_checks: HealthCheckSettings = field(default_factory=HealthCheckSettings)
+    # How manifest files are re-read (the settle period); unused with the Kubernetes source.
+    file_source: FileSourceSettings = field(default_factory=FileSourceSettings)
 
     def __post_init__(self) -> None:
         problems = self._problems()
@@ -104,4 +107,5 @@ class Settings:
             problems.append("the drain grace period must be >= 0")
         problems.extend(self.retry.problems())
         problems.extend(self.health_checks.problems())
+        problems.extend(self.file_source.problems())
         return problems

@@ -39,6 +39,7 @@ from aproxy.core.state import IPVSState
 from aproxy.health.config import HealthCheckSettings
 from aproxy.settings import Settings, SettingsError
 from aproxy.sources.base import ObjectSink
+from aproxy.sources.file import FileSourceSettings
 from aproxy.sources.kube.watch import KubernetesSource
 from aproxy.startup_gc import STARTUP_GC_THRESHOLD
 from aproxy.syncer import Syncer
@@ -338,7 +339,9 @@ def test_manifest_edit_applies_exactly_the_difference(tmp_path: Path) -> None:
     manifest = tmp_path / "cluster.yaml"
     write_manifest(manifest, [web_service(), slice_of("web", "10.244.1.5", "10.244.1.6")])
     backend = MemoryBackend()
-    daemon = Daemon(settings(sources=(tmp_path,)), backend=backend)
+    # A short settle period: the loop below saves the edit every second until the watch has seen it.
+    fast = FileSourceSettings(settle_period=0.05)
+    daemon = Daemon(settings(sources=(tmp_path,), file_source=fast), backend=backend)
     edited = [web_service(), slice_of("web", "10.244.1.5", "10.244.1.6", "10.244.1.7")]
 
     async def scenario() -> tuple[Counter[str], Counter[tuple[str, str]]]:

@@ -14,6 +14,8 @@ Rules:
   like a delete); slices labelled that or ``service.kubernetes.io/headless`` likewise.
 - A Service or slice that fails to parse is absent too (its previous good version is forgotten), so the
   incremental result always equals a from-scratch translation of the objects last seen.
+- A slice port that no port of its Service names (same name and protocol) is a warning, reported once
+  while it lasts (whichever of the two changes).
 - Skips are reported once: ``new_skips`` returns each skip the first time it appears for its object, and
   again only if it disappeared (the object was fixed or deleted) and came back.
 - Nothing may be applied before both kinds were listed once (``initialized``): a restart must never apply a
@@ -43,13 +45,16 @@ from aproxy.core.objects import (
     parse_service,
     parse_slice,
 )
-from aproxy.core.translate import TranslationContext, translate_service
+from aproxy.core.translate import TranslationContext, translate_service, unmatched_slice_ports
 
 ListedKind = Literal["services", "endpointslices"]
 _KINDS: Final = frozenset({"services", "endpointslices"})
 
 # (kind, namespace, name) of the object a set of skips belongs to.
 _ObjectId = tuple[str, str, str]
+# The kind under which a slice's unmatched ports are reported: they depend on its Service too, so they are
+# kept apart from the slice's own skips (which its next version replaces).
+_SLICE_PORTS = "EndpointSlice ports"
 
 
 class UnknownKindError(ValueError):
@@ -95,6 +100,8 @@ class ChangeTracker:
         self._services[key] = parsed  # the newest resourceVersion, even when nothing else changed
         if old == parsed:
             return False
+        for endpoint_slice in self._slices_by_service.get(key, ()):
+            self._report_slice_ports(parsed, endpoint_slice)
         return self._service_changed(key)
 
     def delete_service(self, namespace: str, name: str) -> bool:
@@ -127,6 +134,8 @@ class ChangeTracker:
         # Other addresses (most updates) mean other endpoints: no need to compare them one by one.
         if old is not None and old.address_ids == parsed.address_ids and old == parsed:
             return False
+        # Only a changed slice: an unchanged one's ports were checked against this very service already.
+        self._report_slice_ports(self._services.get(key), parsed)
         if old is not None and old.service_name != parsed.service_name:
             # Relabelled: the old service loses these endpoints, the new one gains them.
             self._unindex(old)
@@ -247,10 +256,13 @@ class ChangeTracker:
     def _drop_service(self, key: ServiceKey) -> bool:
         if self._services.pop(key, None) is None:
             return False
+        for endpoint_slice in self._slices_by_service.get(key, ()):
+            self._report_slice_ports(None, endpoint_slice)
         return self._service_changed(key)
 
     def _drop_slice(self, namespace: str, name: str) -> bool:
         old = self._slices.pop((namespace, name), None)
+        self._report((_SLICE_PORTS, namespace, name), ())
         if old is None:
             return False
         self._unindex(old)
@@ -279,6 +291,25 @@ class ChangeTracker:
             self._slices_by_service[key] = remaining
         else:
             del self._slices_by_service[key]
+
+    def _report_slice_ports(self, service: ServiceInfo | None, endpoint_slice: SliceInfo) -> None:
+        """Warn once about slice ports no port of the service names (their endpoints serve nothing)."""
+        unmatched = () if service is None else unmatched_slice_ports(service, endpoint_slice)
+        ident = (_SLICE_PORTS, endpoint_slice.namespace, endpoint_slice.name)
+        if not unmatched and ident not in self._active_skips:
+            return  # the common case, without building anything
+        skips = tuple(
+            Skip(
+                SLICE_KIND,
+                endpoint_slice.namespace,
+                endpoint_slice.name,
+                f"port {port.name or '(unnamed)'}/{port.protocol.value} matches no port of Service "
+                f"{endpoint_slice.namespace}/{endpoint_slice.service_name}",
+                Severity.WARNING,
+            )
+            for port in unmatched
+        )
+        self._report(ident, skips)
 
     def _report(self, ident: _ObjectId, skips: tuple[Skip, ...]) -> None:
         """Make ``skips`` the object's current ones; those it did not have already are new reports."""

@@ -50,7 +50,7 @@ from aproxy.core.model import (
     VirtualServerKey,
     VirtualServerSpec,
 )
-from aproxy.core.objects import Endpoint, ServiceInfo, Skip, SliceInfo
+from aproxy.core.objects import Endpoint, ServiceInfo, Skip, SliceInfo, SlicePort
 
 MH_SOURCE_PORT_FLAG = "flag-2"  # IP_VS_SVC_F_SCHED2, "mh-port" for the mh scheduler
 _MH_FLAGS = frozenset({MH_SOURCE_PORT_FLAG})
@@ -115,6 +115,25 @@ def translate_service(
 
 def _slice_name(endpoint_slice: SliceInfo) -> str:
     return endpoint_slice.name
+
+
+def unmatched_slice_ports(service: ServiceInfo, endpoint_slice: SliceInfo) -> tuple[SlicePort, ...]:
+    """The slice's ports that no port of ``service`` names (same name and protocol): translation never
+    reads them, so their endpoints serve nothing. None for a service that yields nothing anyway."""
+    if service.yields_nothing or endpoint_slice.ignored or not endpoint_slice.family:
+        return ()
+    ports = service.ports
+    if len(ports) > _SCANNED_PORTS:  # indexed: 10,000 ports against 10,000 would be 10^8 comparisons
+        wanted = {(port.name, port.protocol) for port in ports}
+        return tuple(port for port in endpoint_slice.ports if (port.name, port.protocol) not in wanted)
+    unmatched: tuple[SlicePort, ...] = ()
+    for slice_port in endpoint_slice.ports:  # every slice update comes here: no set, no generator
+        for port in ports:
+            if port.name == slice_port.name and port.protocol is slice_port.protocol:
+                break
+        else:
+            unmatched += (slice_port,)
+    return unmatched
 
 
 def translate_all(

@@ -8,7 +8,7 @@ module (the core never imports adapters).
 
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol, TypeAlias
+from typing import Any, Literal, Protocol, TypeAlias, runtime_checkable
 
 # The two resources the "initialized" gate waits for.
 ListedKind: TypeAlias = Literal["services", "endpointslices"]
@@ -51,4 +51,15 @@ class Source(Protocol):
 
         Cancellation is the normal way to stop; a source must leave no task of its own behind.
         """
+        ...
+
+
+@runtime_checkable
+class Pending(Protocol):
+    """A source that knows when it last fell behind its input (the file source: a change seen, not yet
+    applied). The daemon's ``/healthz`` fails when that is older than twice the sync period."""
+
+    @property
+    def pending_since(self) -> float | None:
+        """When (the event loop's ``time()``) the oldest change not yet fed was seen; None: up to date."""
         ...

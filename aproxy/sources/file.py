@@ -1,39 +1,45 @@
 """The manifest-file source: Services and EndpointSlices from YAML/JSON files, re-read when they change.
 
-``FileSource(paths).run(sink)`` feeds every object, marks both kinds listed, then watches the files with
-watchfiles and, on each change, re-reads everything and feeds only the differences against the last good read:
-new or changed objects are upserted, vanished ones deleted, identical ones not mentioned. So the sink sees the
-same add/update/delete stream the Kubernetes source produces.
+``FileSource(paths).run(sink)`` feeds every object, marks both kinds listed, then watches the files
+(aproxy.sources.file_watch, which survives directories recreated and symlinks swapped) and, on each change,
+re-reads everything and feeds only the differences against what it fed last: new or changed objects are
+upserted, vanished ones deleted, identical ones not mentioned. So the sink sees the same add/update/delete
+stream the Kubernetes source produces.
 
-A read that fails (a file half-written by an editor, a syntax error, a file removed) is logged, counted in
-``reload_errors`` and otherwise ignored: the last good state stays, nothing is deleted, and the next good read
-is diffed against the last good one. If the very first read fails nothing is marked listed, so the daemon
-applies nothing until a read succeeds.
+When a change is read (aproxy.sources.reload_schedule): once the files have been quiet for the settle
+period (``--source-settle-period``, 1 s), so that a file written in place (``cat > file``: truncated, then
+written) is read whole rather than empty or cut short. Write manifests atomically all the same (a new file
+renamed over the old one, as editors and ConfigMap mounts do): a writer that pauses longer than the settle
+period in the middle of a file can still be caught half-way, and a truncated file that parses (empty, or
+cut at a ``---``) is a good read of fewer objects.
 
-Watching: the directories holding the files are watched (not the files), because editors and Kubernetes
-ConfigMap mounts replace files by renaming over them, which a watch on the file itself would not survive.
-An event counts when it names a source file, a manifest in a source directory, or a ``..name`` entry (the
-ConfigMap atomic writer swaps its ``..data`` link). Reads run in a worker thread.
+A read that fails (a syntax error, a file removed) is logged, counted in ``reload_errors`` and otherwise
+ignored: the last good state stays, nothing is deleted. A failure to open a file (too many open files) is
+retried with backoff; bad content waits for the next change. ``pending_since`` says since when a change has
+not been applied (the daemon's ``/healthz`` fails after twice the sync period). If the very first read
+fails nothing is marked listed, so the daemon applies nothing until a read succeeds.
 
-Write manifests atomically (a new file renamed over the old one, as editors and ConfigMap mounts do): a file
-rewritten in place can be caught half-written, and a truncated file that still parses (empty, or cut at a
-``---``) is a good read of fewer objects. watchfiles' grouping of events (``debounce_ms``) narrows that window
-but cannot close it.
+An object that turns invalid (aproxy.sources.last_good) keeps its last good version: it is logged once,
+counted in ``objects_held``, and released when the file has it valid again or no longer has it. A Service
+or EndpointSlice of another apiVersion is logged once while the files hold it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeAlias
 
-import watchfiles
-
+from aproxy.core.backoff import RetryPolicy
 from aproxy.sources.base import ObjectSink
-from aproxy.sources.manifest import MANIFEST_SUFFIXES, ManifestError, Manifests, load_manifests
+from aproxy.sources.file_watch import watch
+from aproxy.sources.last_good import Choice, Held, LastGood
+from aproxy.sources.manifest import ManifestError, ManifestReadError, Manifests, load_manifests
+from aproxy.sources.reload_schedule import DEFAULT_SETTLE_PERIOD, ReloadSchedule
 
 logger = logging.getLogger(__name__)
 
@@ -107,27 +113,60 @@ def feed(sink: ObjectSink, changes: Changes) -> None:
             sink.delete_slice(namespace, name)
 
 
+@dataclass(frozen=True, slots=True)
+class FileSourceSettings:
+    """How ``aproxy run`` reads manifest files: ``settle_period``, the seconds a file must be quiet before a
+    change is read (``--source-settle-period``)."""
+
+    settle_period: float = DEFAULT_SETTLE_PERIOD
+
+    def problems(self) -> list[str]:
+        if not 0 <= self.settle_period <= MAX_SETTLE_PERIOD:
+            return [f"--source-settle-period ({self.settle_period:g}s) must be 0..{MAX_SETTLE_PERIOD:g}s"]
+        return []
+
+
+def _loop_time() -> float:
+    return asyncio.get_running_loop().time()
+
+
+# Longer would only hide edits: /healthz reports a change unapplied for twice the sync period as stale.
+MAX_SETTLE_PERIOD = 60.0
+
+
 class FileSource:
     """Feeds a sink from manifest files and keeps it up to date as the files change.
 
-    ``paths``: files or directories (see ``aproxy.sources.manifest``). ``debounce_ms``: how long watchfiles
-    gathers events into one re-read. ``stop_event``: when set, ``run`` returns (cancelling ``run`` works too).
-    ``force_polling``: poll instead of inotify (network filesystems); None lets watchfiles decide.
+    ``paths``: files or directories (see ``aproxy.sources.manifest``). ``settle_period``: seconds without an
+    event before a change is read. ``retry``: the backoff of a read that failed to open a file.
+    ``debounce_ms``: how long watchfiles gathers events into one batch. ``stop_event``: when set, ``run``
+    returns (cancelling ``run`` works too). ``force_polling``: poll instead of inotify (network
+    filesystems); None lets watchfiles decide. ``clock``: seconds, by default the running event loop's (the
+    daemon's ``/healthz`` compares ``pending_since`` with it); tests pass a fake one.
     """
 
     def __init__(
         self,
         paths: Sequence[Path],
         *,
-        debounce_ms: int = 300,
+        settle_period: float = DEFAULT_SETTLE_PERIOD,
+        retry: RetryPolicy | None = None,
+        debounce_ms: int = 50,
         stop_event: asyncio.Event | None = None,
         force_polling: bool | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._paths = tuple(paths)
         self._debounce_ms = debounce_ms
         self._stop_event = stop_event
         self._force_polling = force_polling
-        self._objects: Objects | None = None  # the last good read
+        self._retry = retry
+        self._clock = clock or _loop_time
+        self._schedule = ReloadSchedule(settle_period, retry)
+        self._wakeup = asyncio.Event()
+        self._objects: Objects | None = None  # what the sink was fed last
+        self._last_good = LastGood()
+        self._reported_ignored: frozenset[str] = frozenset()
         self._lock = asyncio.Lock()  # one re-read at a time, so each diff starts from the one before
         self.reloads = 0
         self.reload_errors = 0
@@ -138,97 +177,122 @@ class FileSource:
         """Whether a read has succeeded (and both kinds were marked listed)."""
         return self._objects is not None
 
+    @property
+    def pending_since(self) -> float | None:
+        """When (on ``clock``) the oldest change not yet applied was seen; None: the sink has the files'
+        current content (objects held at their last good version count as applied)."""
+        return self._schedule.pending_since
+
+    @property
+    def held(self) -> tuple[Held, ...]:
+        """Objects whose file version is invalid, kept at their last good version."""
+        return tuple(self._last_good.held.values())
+
+    @property
+    def objects_held(self) -> int:
+        return len(self._last_good.held)
+
+    def changed(self) -> None:
+        """A file event: read again once the files have been quiet for the settle period."""
+        self._schedule.changed(self._clock())
+        self._wakeup.set()
+
     async def run(self, sink: ObjectSink) -> None:
-        await self.reload(sink)
-        await self._watch(sink)
+        self._schedule.start(self._clock())
+        async with asyncio.TaskGroup() as group:
+            reader = group.create_task(self._read_when_due(sink), name="aproxy-file-reader")
+            await watch(
+                self._paths,
+                self.changed,
+                stop_event=self._stop_event,
+                debounce_ms=self._debounce_ms,
+                force_polling=self._force_polling,
+                retry=self._retry,
+            )
+            reader.cancel()
+
+    async def step(self, sink: ObjectSink) -> float | None:
+        """Read if a read is due now; then the seconds until the next one (None: none until an event)."""
+        delay = self._schedule.due_in(self._clock())
+        if delay == 0:
+            await self.reload(sink)
+            delay = self._schedule.due_in(self._clock())
+        return delay
+
+    async def _read_when_due(self, sink: ObjectSink) -> None:
+        while True:
+            self._wakeup.clear()
+            delay = await self.step(sink)
+            if delay == 0:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), delay)
 
     async def reload(self, sink: ObjectSink) -> bool:
-        """Re-read every file and feed the sink the differences; False (state kept) when the read failed."""
+        """Re-read every file now and feed the sink the differences; False (state kept) when it failed."""
         async with self._lock:
+            self._schedule.started()
             try:
                 manifests = await asyncio.to_thread(load_manifests, self._paths)
             except ManifestError as exc:
-                self.reload_errors += 1
-                self.last_error = str(exc)
-                logger.error(
-                    "manifest read failed, keeping the last good state",
-                    extra={"error": str(exc), "reload_errors": self.reload_errors, "listed": self.listed},
-                )
+                self._failed(exc)
                 return False
-            current = index_objects(manifests)
-            first = self._objects is None
-            changes = diff_objects(self._objects or {}, current)
-            feed(sink, changes)
-            self._objects = current
-            self.reloads += 1
-            self.last_error = None
-            if first:
-                sink.mark_listed("services")
-                sink.mark_listed("endpointslices")
-            logger.info(
-                "manifests read",
-                extra={
-                    "objects": len(current),
-                    "upserts": len(changes.upserts),
-                    "deletes": len(changes.deletes),
-                    "initial": first,
-                },
-            )
+            self._apply(sink, manifests)
+            self._schedule.applied()
             return True
 
-    async def _watch(self, sink: ObjectSink) -> None:
-        watched = WatchedPaths.of(self._paths)
-        roots = [root for root in watched.roots if root.is_dir()]
-        for missing in sorted(set(watched.roots) - set(roots)):
-            logger.error("cannot watch a directory that does not exist", extra={"path": str(missing)})
-        if not roots:
-            # Nothing can ever change: stay alive like any source until stopped.
-            await (self._stop_event.wait() if self._stop_event else asyncio.Event().wait())
-            return
-        async for events in watchfiles.awatch(
-            *roots,
-            watch_filter=watched.relevant,
-            debounce=self._debounce_ms,
-            stop_event=self._stop_event,
-            recursive=False,
-            force_polling=self._force_polling,
-        ):
-            logger.debug("manifest files changed", extra={"events": len(events)})
-            await self.reload(sink)
-
-
-@dataclass(frozen=True, slots=True)
-class WatchedPaths:
-    """Which directories to watch for a set of source paths, and which events in them matter."""
-
-    files: frozenset[Path]
-    directories: frozenset[Path]
-
-    @classmethod
-    def of(cls, paths: Iterable[Path]) -> WatchedPaths:
-        files: set[Path] = set()
-        directories: set[Path] = set()
-        for path in paths:
-            absolute = path.absolute()
-            if absolute.is_dir():
-                directories.add(absolute)
-            else:
-                # A symlinked file changes where its target lives too.
-                files.update({absolute, absolute.resolve()})
-        return cls(files=frozenset(files), directories=frozenset(directories))
-
-    @property
-    def roots(self) -> list[Path]:
-        return sorted(self.directories | {file.parent for file in self.files})
-
-    def relevant(self, change: watchfiles.Change, path: str) -> bool:
-        event = Path(path)
-        if event.name.startswith(".."):
-            return True
-        if event in self.files:
-            return True
-        return (
-            event.parent in self.directories
-            and event.suffix in MANIFEST_SUFFIXES
-            and not event.name.startswith(".")
+    def _failed(self, exc: ManifestError) -> None:
+        self.reload_errors += 1
+        self.last_error = str(exc)
+        retry_in = self._schedule.failed(self._clock(), transient=isinstance(exc, ManifestReadError))
+        logger.error(
+            "manifest read failed, keeping the last good state",
+            extra={
+                "error": str(exc),
+                "reload_errors": self.reload_errors,
+                "listed": self.listed,
+                "retry_in": "next change" if retry_in is None else round(retry_in, 3),
+            },
         )
+
+    def _apply(self, sink: ObjectSink, manifests: Manifests) -> None:
+        current = index_objects(manifests)
+        first = self._objects is None
+        choice = self._last_good.choose(self._objects or {}, current)
+        changes = diff_objects(self._objects or {}, choice.objects)
+        feed(sink, changes)
+        self._objects = choice.objects
+        self.reloads += 1
+        self.last_error = None
+        self._report(manifests, choice)
+        if first:
+            sink.mark_listed("services")
+            sink.mark_listed("endpointslices")
+        logger.info(
+            "manifests read",
+            extra={
+                "objects": len(current),
+                "upserts": len(changes.upserts),
+                "deletes": len(changes.deletes),
+                "held": len(self._last_good.held),
+                "initial": first,
+            },
+        )
+
+    def _report(self, manifests: Manifests, choice: Choice) -> None:
+        """Each problem once: while it lasts, it is not logged again."""
+        for hold in choice.new:
+            logger.warning(
+                "invalid object: its last good version stays applied until it is fixed or deleted",
+                extra={"object": f"{hold.key[0]} {hold.key[1]}/{hold.key[2]}", "reason": hold.reason},
+            )
+        for kind, namespace, name in choice.released:
+            logger.info(
+                "object no longer held at its last good version",
+                extra={"object": f"{kind} {namespace}/{name}"},
+            )
+        ignored = frozenset(manifests.ignored)
+        for line in manifests.ignored:
+            if line not in self._reported_ignored:
+                logger.warning("object ignored", extra={"reason": line})
+        self._reported_ignored = ignored

@@ -18,7 +18,8 @@ What is read:
   flattened (nested Lists too). Items of a typed list (``ServiceList`` from ``kubectl get -o yaml``) carry no
   ``kind``/``apiVersion``: they get the list's (``Service``, and the list's apiVersion).
 - Kept: ``v1`` ``Service`` and ``discovery.k8s.io/v1`` ``EndpointSlice``. Every other kind is ignored silently
-  (a Deployment next to its Service is normal). Null documents and null items are skipped.
+  (a Deployment next to its Service is normal); a Service or EndpointSlice of another apiVersion (or none)
+  is ignored too, with a line in ``Manifests.ignored``. Null documents and null items are skipped.
 - A kept object without ``metadata.namespace`` (or with a null/empty one) gets ``"default"``, as kubectl does.
   A kept object with no usable metadata or name is passed through unchanged: the core's parser reports it as a
   skip, like any other bad object, instead of failing the whole file here.
@@ -75,12 +76,20 @@ class ManifestError(Exception):
     """A manifest file cannot be used at all; ``str()`` is a one-line message naming the file."""
 
 
+class ManifestReadError(ManifestError):
+    """A file or directory could not be read (``OSError``): unlike bad content, this may pass by itself
+    (too many open files, a file replaced while the directory was listed), so a reader may retry."""
+
+
 @dataclass(frozen=True, slots=True)
 class Manifests:
     """The kept objects, as raw dicts in file order."""
 
     services: tuple[dict[str, Any], ...] = ()
     slices: tuple[dict[str, Any], ...] = ()
+    # One line per Service or EndpointSlice left out for its apiVersion (``FILE: ... ignored``): readers
+    # report each once.
+    ignored: tuple[str, ...] = ()
 
 
 def manifest_files(paths: Sequence[Path]) -> list[Path]:
@@ -101,6 +110,7 @@ def load_manifests(paths: Sequence[Path]) -> Manifests:
     """
     services: list[dict[str, Any]] = []
     slices: list[dict[str, Any]] = []
+    ignored: list[str] = []
     for file in manifest_files(paths):
         for obj in _file_objects(file):
             identity = (obj.get("apiVersion"), obj.get("kind"))
@@ -108,14 +118,36 @@ def load_manifests(paths: Sequence[Path]) -> Manifests:
                 services.append(_with_default_namespace(obj))
             elif identity == ENDPOINT_SLICE:
                 slices.append(_with_default_namespace(obj))
-    return Manifests(services=tuple(services), slices=tuple(slices))
+            elif isinstance(identity[1], str) and identity[1] in _KEPT_API_VERSIONS:
+                ignored.append(_ignored_version(file, obj))
+    return Manifests(services=tuple(services), slices=tuple(slices), ignored=tuple(ignored))
+
+
+# A kept kind under another apiVersion (``discovery.k8s.io/v1beta1``, removed in Kubernetes 1.25, or none at
+# all) is almost certainly meant to be used: it is left out, but said so.
+_KEPT_API_VERSIONS = {SERVICE[1]: SERVICE[0], ENDPOINT_SLICE[1]: ENDPOINT_SLICE[0]}
+
+
+def _ignored_version(file: Path, obj: dict[str, Any]) -> str:
+    kind = obj["kind"]
+    metadata = obj.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    namespace = (metadata.get("namespace") if isinstance(metadata, dict) else None) or DEFAULT_NAMESPACE
+    version = obj.get("apiVersion")
+    got = "no apiVersion" if version is None else f"apiVersion {_show(version)}"
+    return f"{file}: {kind} {namespace}/{name}: {got}, only {_KEPT_API_VERSIONS[kind]} is read: ignored"
+
+
+def _show(value: object) -> str:
+    text = json.dumps(value) if isinstance(value, str) else repr(value)
+    return text if len(text) <= 64 else text[:61] + "..."
 
 
 def _directory_manifests(directory: Path) -> list[Path]:
     try:
         entries = sorted(directory.iterdir())
     except OSError as exc:
-        raise ManifestError(f"cannot read {directory}: {exc.strerror or exc}") from exc
+        raise ManifestReadError(f"cannot read {directory}: {exc.strerror or exc}") from exc
     return [
         entry
         for entry in entries
@@ -127,7 +159,7 @@ def _read_text(path: Path) -> str:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ManifestError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise ManifestReadError(f"cannot read {path}: {exc.strerror or exc}") from exc
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

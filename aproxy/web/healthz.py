@@ -11,8 +11,12 @@ succeeding for the whole limit.
   cluster yet must not receive traffic from a load balancer that checks it), and, as kube-proxy's, while the
   node is not eligible (being deleted, or tainted ``ToBeDeletedByClusterAutoscaler``): load balancers of
   ``externalTrafficPolicy: Cluster`` services probe it to drain a node before it is removed.
-- ``/livez``: the staleness rule only. Waiting for the first list (the API server unreachable at start-up) is
-  not a reason for the kubelet to restart the process, and neither is the node's removal.
+  Also unhealthy when the source has not applied its input's current content for longer than the same
+  limit (a manifest file that does not parse, cannot be read, or never stops changing): the node
+  programs an old state, as surely as when syncs fail.
+- ``/livez``: the sync staleness rule only. Waiting for the first list (the API server unreachable at
+  start-up) is not a reason for the kubelet to restart the process, nor is the node's removal, nor a
+  manifest file aproxy cannot apply (a restart would read the same file).
 - ``/readyz``: ready once a sync (the initial one, or a retry of it) has succeeded.
 
 All times are seconds on one monotonic clock; nothing here reads a clock.
@@ -47,16 +51,22 @@ def decide(
     *,
     node_eligible: bool = True,
     node_reason: str = "",
+    source_pending_since: float | None = None,
 ) -> Health:
     """The endpoints' verdicts at ``now`` (see the module docstring for the rules).
 
-    ``node_reason`` says why the node is not eligible ("being deleted"); it is read only when it is not."""
+    ``node_reason`` says why the node is not eligible ("being deleted"); it is read only when it is not.
+    ``source_pending_since``: since when the source has not applied its input's current content."""
     limit = STALENESS_FACTOR * sync_period
     waited = now - pending_since if pending_since is not None else 0.0
     stale = waited > limit and (last_success is None or now - last_success > limit)
+    behind = now - source_pending_since if source_pending_since is not None else 0.0
+    source_stale = behind > limit
     ready = initialized and last_success is not None
     if stale:
         reason = f"a change has waited {waited:.1f} s without a successful sync"
+    elif source_stale:
+        reason = f"the source has not applied its files' current content for {behind:.1f} s"
     elif not initialized:
         reason = "the initial sync has not completed"
     elif not node_eligible:
@@ -64,7 +74,7 @@ def decide(
     else:
         reason = "ok"
     return Health(
-        healthz=initialized and not stale and node_eligible,
+        healthz=initialized and not stale and not source_stale and node_eligible,
         livez=not stale,
         ready=ready,
         reason=reason,

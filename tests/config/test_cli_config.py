@@ -19,8 +19,11 @@ from tests.config.test_config_file import CONFIGMAP
 
 
 @pytest.fixture
-def started(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
-    """The Settings ``aproxy run`` would start the daemon with."""
+def started(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Settings]:
+    """The Settings ``aproxy run`` would start the daemon with (from tmp_path, where --source x.yaml exists:
+    a source missing at start is refused before the daemon would start)."""
+    (tmp_path / "x.yaml").write_text("")
+    monkeypatch.chdir(tmp_path)
     seen: list[Settings] = []
 
     def main(settings: Settings) -> int:

@@ -17,7 +17,8 @@ import yaml
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import ServiceKey
 from aproxy.sources.base import ListedKind, ObjectSink, Source
-from aproxy.sources.file import FileSource, WatchedPaths
+from aproxy.sources.file import FileSource
+from aproxy.sources.file_watch import WatchedPaths
 
 T = TypeVar("T")
 TIMEOUT = 20.0  # seconds; a bound against hanging, never an assertion
@@ -294,7 +295,8 @@ def test_watchfiles_event_triggers_a_reread(
     path = tmp_path / "c.yaml"
     write(path, cluster())
     stop = asyncio.Event()
-    source, sink = FileSource([path], debounce_ms=50, stop_event=stop), RecordingSink()
+    source = FileSource([path], debounce_ms=50, settle_period=0.05, stop_event=stop)
+    sink = RecordingSink()
     edited = _edited("endpoint-added")
 
     async def scenario() -> None:
@@ -358,7 +360,7 @@ def test_watch_filter(tmp_path: Path, event: str, relevant: bool) -> None:
     (tmp_path / "dir").mkdir()
     (tmp_path / "src" / "c.yaml").write_text("")
     watched = WatchedPaths.of([tmp_path / "src" / "c.yaml", tmp_path / "dir"])
-    assert watched.roots == [tmp_path / "dir", tmp_path / "src"]
+    assert watched.roots == (tmp_path, tmp_path / "dir", tmp_path / "src")
     assert watched.relevant(watchfiles.Change.modified, str(tmp_path / event)) is relevant
 
 
@@ -368,7 +370,7 @@ def test_symlinked_file_watches_its_target_too(tmp_path: Path) -> None:
     (tmp_path / "real" / "c.yaml").write_text("")
     (tmp_path / "etc" / "c.yaml").symlink_to(tmp_path / "real" / "c.yaml")
     watched = WatchedPaths.of([tmp_path / "etc" / "c.yaml"])
-    assert watched.roots == [tmp_path / "etc", tmp_path / "real"]
+    assert watched.roots == (tmp_path, tmp_path / "etc", tmp_path / "real")
     assert watched.relevant(watchfiles.Change.modified, str(tmp_path / "real" / "c.yaml"))
 
 
