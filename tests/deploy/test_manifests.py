@@ -4,9 +4,13 @@ object checked for what the DaemonSet must have, and the ClusterRole against the
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
+import pytest
 import yaml
 
 from aproxy.config_file import parse_documents
@@ -127,3 +131,41 @@ def test_every_object_is_namespaced_where_it_must_be() -> None:
     for obj in render():
         assert obj["apiVersion"] and obj["kind"] and obj["metadata"]["name"]
         assert ("namespace" in obj["metadata"]) == (obj["kind"] not in CLUSTER_SCOPED), obj["kind"]
+
+
+# The newest Kubernetes whose schemas kubernetes-validate ships, and the oldest still supported upstream.
+SCHEMA_VERSIONS = (kubernetes_validate.latest_version(), "1.32")
+
+
+@pytest.mark.parametrize("version", SCHEMA_VERSIONS)
+def test_every_object_validates_against_the_kubernetes_api_schemas(version: str) -> None:
+    objects = render()
+    assert {obj["kind"] for obj in objects} == {
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+    }
+    for obj in objects:
+        # strict: a field the API does not know (a typo the API server would drop silently) fails too.
+        kubernetes_validate.validate(obj, version, strict=True)
+
+
+def test_a_misspelt_field_is_caught_by_the_schema_check() -> None:
+    daemonset = one("DaemonSet")
+    daemonset["spec"]["template"]["spec"]["hostNetwrok"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(daemonset, SCHEMA_VERSIONS[0], strict=True)
+
+
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl is not installed: no reference rendering"
+)
+def test_the_rendering_here_is_kubectl_kustomize_s() -> None:
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60, check=True
+    )
+    reference = list(yaml.safe_load_all(done.stdout))
+    key = lambda obj: (obj["kind"], obj["metadata"]["name"])  # noqa: E731
+    assert sorted(render(), key=key) == sorted(reference, key=key)
