@@ -20,6 +20,8 @@ Metrics:
   EndpointSlice events that changed what a service translates to;
   ``aproxy_sync_proxy_rules_changes_pending``: services changed and not yet taken by a sync (kube-proxy
   counts pending Service and endpoint changes apart: not the same meaning, so aproxy's name).
+- ``kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy}`` (internal, external; a gauge, as
+  kube-proxy's): services whose Local policy leaves this node without endpoints while they have some.
 - ``rest_client_requests_total{code,method,host}`` and ``rest_client_request_duration_seconds{verb,url}``
   (client-go's buckets): the Kubernetes API client's requests, when the source keeps ``request_stats``.
 - ``aproxy_sync_passes_total{kind}`` and ``aproxy_sync_failures_total{kind}`` (kind: start, sync, audit,
@@ -56,6 +58,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from aproxy.core.changes import ChangeTracker
+from aproxy.core.locality import without_local_endpoints
 from aproxy.core.verdicts import HealthView
 from aproxy.health.checker import HealthStats
 from aproxy.kernel_loop import LoopStats
@@ -196,6 +199,9 @@ class _LiveCollector:
             "kind",
             tracker.skipped_total,
         )
+        syncer = self._syncer()
+        if syncer is not None:
+            yield _no_local_endpoints(tracker, syncer.context.node_name)
         yield _gauge("services", "Services held (parsed).", tracker.service_count)
         yield _gauge("endpoint_slices", "EndpointSlices held.", tracker.slice_count)
 
@@ -299,6 +305,22 @@ def source_metrics(source: object) -> Iterator[Metric]:
             yield _labelled_counter(name, help_text, label, value)
         elif isinstance(value, int) and not isinstance(value, bool):
             yield _counter(name, help_text, value)
+
+
+def _no_local_endpoints(tracker: ChangeTracker, node_name: str) -> Metric:
+    """kube-proxy's gauge (a _total gauge, as kube-proxy names it): services whose Local policy leaves this
+    node without endpoints while they have some elsewhere (aproxy/core/locality.py)."""
+    inputs = (tracker.inputs(key) for key in tracker.services())
+    held = ((info, slices) for info, slices in inputs if info is not None)
+    counts = without_local_endpoints(held, node_name)
+    family = GaugeMetricFamily(
+        f"{KUBE_PROXY}_sync_proxy_rules_no_local_endpoints_total",
+        "Number of services with a Local traffic policy and no endpoints on this node.",
+        labels=["traffic_policy"],
+    )
+    for policy, count in sorted(counts.items()):
+        family.add_metric([policy], count)
+    return family
 
 
 def rest_client_metrics(source: object) -> Iterator[Metric]:

@@ -114,6 +114,11 @@ class Syncer:
         return self._planner is not None
 
     @property
+    def context(self) -> TranslationContext:
+        """The node the syncer translates for."""
+        return self._ctx
+
+    @property
     def pending_retries(self) -> frozenset[ServiceKey]:
         return frozenset(self._retry)
 

@@ -1,5 +1,6 @@
-"""kubeproxy_network_programming_duration_seconds through the daemon: a slice's trigger stamp or a Service's
-arrival to the end of the sync that programmed it; nothing for the initial list."""
+"""kube-proxy's sync metrics through the daemon: kubeproxy_network_programming_duration_seconds (a slice's
+trigger stamp or a Service's arrival to the end of the sync that programmed it; nothing for the initial list)
+and kubeproxy_sync_proxy_rules_no_local_endpoints_total."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from aproxy.app import Daemon
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.latency import TRIGGER_ANNOTATION
+from tests.core.k8s import port, service
 from tests.test_app import (
     STEP,
     ScriptedSource,
@@ -72,3 +74,34 @@ def test_each_change_is_observed_from_its_trigger_to_the_sync_that_programmed_it
     count, total_after = after_service
     assert count == 2
     assert 0.0 <= total_after - total < STEP
+
+
+def test_services_without_local_endpoints_are_a_gauge_by_traffic_policy() -> None:
+    # kube-proxy's kubeproxy_sync_proxy_rules_no_local_endpoints_total: a NodePort service with policy Local
+    # and its only endpoint on another node counts for "external"; moving the endpoint here clears it.
+    source = ScriptedSource()
+    daemon = Daemon(settings(min_sync_period=0), source=source, backend=MemoryBackend())
+    local = service(
+        "edge", type_="NodePort", ports=[port("http", 80, node_port=30080)], external_policy="Local"
+    )
+    elsewhere = slice_of("edge", "10.244.2.5")
+    elsewhere["endpoints"][0]["nodeName"] = "node-b"
+    here = slice_of("edge", "10.244.1.5")
+    here["endpoints"][0]["nodeName"] = "node-a"
+    name = "kubeproxy_sync_proxy_rules_no_local_endpoints_total"
+
+    async def scenario() -> tuple[float, float, float]:
+        async with running(daemon):
+            await synced(daemon, source, local, elsewhere)
+            before = await metrics(daemon)
+            passes = daemon.stats.last_sync_wall
+            source.feed(here)
+            await until(daemon, lambda: daemon.stats.last_sync_wall != passes)
+            after = await metrics(daemon)
+        return (
+            before[(name, frozenset({("traffic_policy", "external")}))],
+            before[(name, frozenset({("traffic_policy", "internal")}))],
+            after[(name, frozenset({("traffic_policy", "external")}))],
+        )
+
+    assert run(scenario()) == (1.0, 0.0, 0.0)
