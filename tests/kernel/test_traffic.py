@@ -91,7 +91,7 @@ def web_service(
 class Cluster:
     """One aproxy "daemon": a tracker, an opened IPVSBackend and its Syncer, on one event loop."""
 
-    def __init__(self, settings: IPVSSettings) -> None:
+    def __init__(self, settings: IPVSSettings, ctx: TranslationContext = CTX) -> None:
         self._runner = asyncio.Runner()
         self.tracker = ChangeTracker()
         self.backend = IPVSBackend(settings)
@@ -100,7 +100,7 @@ class Cluster:
         except BaseException:
             self._runner.close()
             raise
-        self.syncer = Syncer(self.tracker, CTX, self.backend)
+        self.syncer = Syncer(self.tracker, ctx, self.backend)
 
     def apply(self, objects: Sequence[dict[str, Any]]) -> SyncReport:
         """Feed the objects (upserts) and sync them, as the daemon would after a watch event."""
