@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import orjson
 import uvloop
@@ -134,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_node_options(sync)
     _add_kernel_options(sync)
+    _add_datapath_options(sync)
     _add_backend_option(sync, dry_run_table="an empty in-memory table")
     sync.add_argument(
         "--output", choices=["json", "text"], default="text", help="text (default) or json lines"
@@ -168,6 +170,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     _add_node_options(run, source_required=False)
     _add_cluster_options(run, kubeconfig_help="kubeconfig file (instead of --source)")
     _add_kernel_options(run)
+    _add_datapath_options(run)
     _add_backend_option(run, dry_run_table="an in-memory table")
     periods = (
         ("--min-sync-period", defaults.min_sync_period, "shortest time between two syncs"),
@@ -245,7 +248,56 @@ def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> IPVSSettings:
-    return IPVSSettings(device=args.device, state_file=args.state_file)
+    return IPVSSettings(device=args.device, state_file=args.state_file, **_datapath_settings(args))
+
+
+def _cidrs(text: str) -> tuple[str, ...]:
+    """kube-proxy's --cluster-cidr: one CIDR, or a comma-separated pair for dual-stack."""
+    cidrs = tuple(part.strip() for part in text.split(",") if part.strip())
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a CIDR: {cidr!r}") from None
+    return cidrs
+
+
+def _add_datapath_options(parser: argparse.ArgumentParser) -> None:
+    """What surrounds IPVS on the node: source NAT, ARP, sysctls (backends/masquerade.py, sysctl.py)."""
+    parser.add_argument(
+        "--masquerade-all",
+        action="store_true",
+        help="source-NAT all traffic IPVS forwards (kube-proxy's --masquerade-all)",
+    )
+    parser.add_argument(
+        "--cluster-cidr",
+        type=_cidrs,
+        default=(),
+        metavar="CIDR[,CIDR]",
+        help="the pod network: cluster-IP traffic from outside it is source-NATed (kube-proxy's meaning)",
+    )
+    parser.add_argument(
+        "--strict-arp",
+        action="store_true",
+        help="arp_ignore=1, arp_announce=2: no ARP answers for kube-ipvs0's addresses (MetalLB)",
+    )
+    parser.add_argument(
+        "--manage-sysctls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="set the sysctls IPVS needs (net/ipv4/vs/conntrack, ip_forward, ...) at start (default: yes)",
+    )
+
+
+def _datapath_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The IPVSSettings fields of ``_add_datapath_options`` (their defaults for commands without them)."""
+    defaults = IPVSSettings()
+    return {
+        "masquerade_all": getattr(args, "masquerade_all", defaults.masquerade_all),
+        "cluster_cidrs": getattr(args, "cluster_cidr", defaults.cluster_cidrs),
+        "strict_arp": getattr(args, "strict_arp", defaults.strict_arp),
+        "manage_sysctls": getattr(args, "manage_sysctls", defaults.manage_sysctls),
+    }
 
 
 def tracker_from_manifests(paths: Sequence[Path]) -> ChangeTracker:

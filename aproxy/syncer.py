@@ -23,8 +23,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from errno import EBUSY
 
-from aproxy.backends.base import Backend, OperationResult
+from aproxy.backends.base import Backend, OperationResult, ServiceSets
 from aproxy.core.changes import ChangeTracker
+from aproxy.core.datapath import SetDelta, SetEntry, SetMembership, service_entries
 from aproxy.core.drain import DrainClock
 from aproxy.core.model import (
     BindAddress,
@@ -104,6 +105,10 @@ class Syncer:
         self._planner: Planner | None = None
         self._retry: set[ServiceKey] = set()
         self.counters = SyncCounters()
+        # The service sets around IPVS (source NAT, source ranges, the service-IP filter), when the backend
+        # keeps them: they follow the services, not the operations.
+        self._sets = backend if isinstance(backend, ServiceSets) else None
+        self._membership = SetMembership()
 
     @property
     def started(self) -> bool:
@@ -125,7 +130,11 @@ class Syncer:
         self._tracker.take_dirty()
         self._retry.clear()
         desired = desired_all(self._tracker, self._ctx)
-        return await self._execute("start", self._planner.plan_full(desired), len(desired))
+        report = await self._execute("start", self._planner.plan_full(desired), len(desired))
+        if self._sets is not None:
+            self._membership.reset({key: self._entries(key) for key in self._tracker.services()})
+            await self._sets.resync_services(self._membership.entries())
+        return report
 
     async def sync(self) -> SyncReport:
         """Plan and apply the services changed since the last pass, and retry those that failed."""
@@ -134,12 +143,22 @@ class Syncer:
         self._retry = set()
         desired = {key: self._desired(key) for key in sorted_keys(keys)}
         try:
-            return await self._execute("sync", planner.plan(desired), len(desired))
+            report = await self._execute("sync", planner.plan(desired), len(desired))
         except BaseException:
             # The backend could not be reached at all (or the pass was cancelled): the keys taken from the
             # tracker must not be lost; the next pass plans them again.
             self._retry |= keys
             raise
+        if self._sets is not None:
+            added: list[SetEntry] = []
+            removed: list[SetEntry] = []
+            for key in keys:
+                delta = self._membership.replace(key, self._entries(key))
+                added += delta.added
+                removed += delta.removed
+            if added or removed:
+                await self._sets.update_services(SetDelta(tuple(added), tuple(removed)))
+        return report
 
     async def audit(self) -> SyncReport:
         """Repair what differs between the kernel and the applied state; the only full comparison."""
@@ -147,7 +166,10 @@ class Syncer:
         self.counters.audit_repairs += len(plan)
         if len(plan):
             log.warning("audit found drift", extra={"repairs": len(plan)})
-        return await self._execute("audit", plan, 0)
+        report = await self._execute("audit", plan, 0)
+        if self._sets is not None:
+            await self._sets.resync_services(self._membership.entries())
+        return report
 
     async def drain(self) -> SyncReport:
         """Delete drained TCP real servers with no connections left, or past their grace period."""
@@ -172,6 +194,10 @@ class Syncer:
         return SyncReport("drain", tuple(results))
 
     # --- internals -----------------------------------------------------------------------------------------
+
+    def _entries(self, key: ServiceKey) -> frozenset[SetEntry]:
+        service, _slices = self._tracker.inputs(key)
+        return service_entries(service) if service is not None else frozenset()
 
     def _desired(self, key: ServiceKey) -> ServiceState | None:
         state, _skips_already_reported_at_intake = self._tracker.desired(key, self._ctx)

@@ -42,6 +42,7 @@ from aproxy.backends.netlink_socket import BatchLimits
 from aproxy.backends.ownership import OwnershipRecord
 from aproxy.backends.pyroute2_thread import NetlinkThread
 from aproxy.backends.sysctl import apply_sysctls, wanted_sysctls
+from aproxy.core.datapath import SetDelta, SetEntry
 from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
@@ -285,6 +286,24 @@ class IPVSBackend:
                 state.replace_virtual(key, spec, reals)
         return state
 
+    # --- the ServiceSets Protocol (base.py): the service sets around IPVS -----------------------------------
+
+    async def update_services(self, delta: SetDelta) -> None:
+        if self._masquerade is not None:
+            await self._sets("update", self._masquerade.update_services(delta))
+
+    async def resync_services(self, entries: frozenset[SetEntry]) -> None:
+        if self._masquerade is not None:
+            await self._sets("repair", self._masquerade.resync_services(entries))
+
+    @staticmethod
+    async def _sets(what: str, change: Coroutine[Any, Any, object]) -> None:
+        try:
+            await change
+        except MasqueradeError as exc:
+            # The IPVS changes stand; the next audit's resync repairs the sets.
+            log.error(f"service set {what} failed", extra={"error": str(exc)})
+
     # --- beyond the Protocol: what the drain and cleanup need -----------------------------------------------
 
     async def connections(self, key: VirtualServerKey) -> dict[RealServerKey, RealServerConnections]:
@@ -387,7 +406,9 @@ class IPVSBackend:
                 self._bound.add(op.address)
             else:
                 self._bound.discard(op.address)
-        return [_result(op, code) for op, code in zip(ops, codes, strict=True)]
+        results = [_result(op, code) for op, code in zip(ops, codes, strict=True)]
+        await self._after_batch(results)  # the service-IP filter's set follows the device's addresses
+        return results
 
     async def _ensure_device(self) -> int:
         assert self._ipr is not None

@@ -27,7 +27,7 @@ import operator
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, Final, NamedTuple, TypeGuard, TypeVar
 
 from aproxy.core.model import SCHEDULERS, IPAddress, L4Protocol, RealServer, ServiceKey
@@ -111,6 +111,8 @@ class ServiceInfo:
     external_local: bool = False  # externalTrafficPolicy: Local
     internal_local: bool = False  # internalTrafficPolicy: Local
     scheduler: str | None = None  # a valid aproxy.io/scheduler annotation; None = the node's default
+    # loadBalancerSourceRanges (valid ones, each once): () = no restriction. Only meaningful for lb_ips.
+    source_ranges: tuple[IPv4Network | IPv6Network, ...] = ()
     skips: tuple[Skip, ...] = ()  # warnings: parts ignored, the rest stands
     # Not part of the value: aproxy.core.translate keeps here what it derives from this service alone (its
     # virtual server keys, port names, bind addresses, for one TranslationContext), so that translating the
@@ -421,6 +423,7 @@ def _parse_service(raw: object) -> ServiceInfo:
         external_local=_local_policy(spec, "externalTrafficPolicy"),
         internal_local=_local_policy(spec, "internalTrafficPolicy"),
         scheduler=_scheduler(annotations, warnings),
+        source_ranges=_source_ranges(spec.get("loadBalancerSourceRanges"), warnings),
         skips=tuple(Skip(SERVICE_KIND, namespace, name, reason, Severity.WARNING) for reason in warnings),
     )
 
@@ -521,6 +524,29 @@ def _lb_ips(value: object, families: set[int], warnings: list[str]) -> tuple[IPA
             # single-stack service), so kube-proxy drops it silently, and so do we.
             addresses[address] = None
     return tuple(addresses)
+
+
+def _source_ranges(value: object, warnings: list[str]) -> tuple[IPv4Network | IPv6Network, ...]:
+    """loadBalancerSourceRanges: CIDRs (host bits allowed, as the API server allows them; surrounding
+    spaces too, as kube-proxy trims them). A malformed one is a warning: dropping it narrows the ranges
+    (more is refused), never widens them. All malformed: the service is closed, not opened to the world."""
+    ranges: dict[IPv4Network | IPv6Network, None] = {}
+    items = _optional_list(value, "spec.loadBalancerSourceRanges")
+    for text in items:
+        try:
+            if not isinstance(text, str) or "/" not in text:
+                raise ValueError(text)
+            ranges[ip_network(text.strip(), strict=False)] = None
+        except ValueError:
+            warnings.append(f"invalid loadBalancerSourceRanges entry {_show(text)} ignored")
+    if items and not ranges:
+        # Every entry was invalid: the user meant to restrict. An empty tuple would mean "open to all".
+        return (_NOBODY,)
+    return tuple(ranges)
+
+
+# Stands for "restricted, but nobody allowed": a host route no client can be (the unspecified address).
+_NOBODY = IPv4Network("0.0.0.0/32")
 
 
 def _affinity_timeout(spec: Mapping[str, Any]) -> int:

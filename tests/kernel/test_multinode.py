@@ -10,6 +10,7 @@ the client directly unless node A source-NATs) and pods on node A.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -35,6 +36,12 @@ PORT = 80
 NODE_PORT = 30080
 # Where a client sends, per path: (address, port).
 PATHS = {"node-port": (NODE_A, NODE_PORT), "external-ip": (EXTERNAL_IP, PORT), "load-balancer": (LB_IP, PORT)}
+
+
+# Each path, over TCP and UDP.
+EVERY_PATH = pytest.mark.parametrize(
+    ("path", "protocol"), [(path, p) for path in sorted(PATHS) for p in ("TCP", "UDP")]
+)
 
 
 def service(
@@ -82,34 +89,110 @@ def request(protocol: str, path: str, client: Namespace) -> netlab.Reply:
     return send(address, port, netns=client.netns)
 
 
-def test_fabric_routes_a_client_to_node_b_pods_directly(lab: Lab, fabric: Fabric) -> None:
+@pytest.fixture
+def podb(fabric: Fabric) -> Namespace:
+    """A pod on node B."""
+    return fabric.add_remote_pod("podb")
+
+
+@pytest.fixture
+def outside(fabric: Fabric) -> Namespace:
+    """A client on the fabric, outside the cluster."""
+    return fabric.add_client("outside")
+
+
+def test_fabric_routes_a_client_to_node_b_pods_directly(podb: Namespace, outside: Namespace) -> None:
     """The lab itself: a node B pod answers a client directly, seeing the client's own address."""
-    pod = fabric.add_remote_pod("podb")
-    client = fabric.add_client("outside")
-    reply = netlab.tcp_request(pod.address, ECHO_PORT, netns=client.netns)
-    assert reply == netlab.Reply("podb", client.address)
+    reply = netlab.tcp_request(podb.address, ECHO_PORT, netns=outside.netns)
+    assert reply == netlab.Reply("podb", outside.address)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10: no source NAT for traffic from outside the node yet")
-@pytest.mark.parametrize("protocol", ["TCP", "UDP"])
-@pytest.mark.parametrize("path", sorted(PATHS))
+@EVERY_PATH
 def test_cluster_policy_reaches_a_pod_on_another_node_as_node_a(
-    lab: Lab, fabric: Fabric, node_a: Cluster, path: str, protocol: str
+    podb: Namespace, outside: Namespace, node_a: Cluster, path: str, protocol: str
 ) -> None:
-    pod = fabric.add_remote_pod("podb")
-    client = fabric.add_client("outside")
-    node_a.apply(service([(pod, "node-b")], protocol=protocol))
-    assert request(protocol, path, client) == netlab.Reply("podb", NODE_A)
+    node_a.apply(service([(podb, "node-b")], protocol=protocol))
+    assert request(protocol, path, outside) == netlab.Reply("podb", NODE_A)
+
+
+@EVERY_PATH
+def test_local_policy_answers_from_node_a_pods_with_the_client_address(
+    lab: Lab, podb: Namespace, outside: Namespace, node_a: Cluster, path: str, protocol: str
+) -> None:
+    local = lab.add_pod("poda")
+    node_a.apply(service([(podb, "node-b"), (local, "node-a")], policy="Local", protocol=protocol))
+    replies = [request(protocol, path, outside) for _ in range(4)]
+    assert set(replies) == {netlab.Reply("poda", outside.address)}
+
+
+# --- loadBalancerSourceRanges -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("protocol", ["TCP", "UDP"])
-@pytest.mark.parametrize("path", sorted(PATHS))
-def test_local_policy_answers_from_node_a_pods_with_the_client_address(
-    lab: Lab, fabric: Fabric, node_a: Cluster, path: str, protocol: str
+def test_source_ranges_let_an_allowed_client_in_and_drop_another(
+    protocol: str, fabric: Fabric, podb: Namespace, outside: Namespace, node_a: Cluster
 ) -> None:
-    remote = fabric.add_remote_pod("podb")
-    local = lab.add_pod("poda")
-    client = fabric.add_client("outside")
-    node_a.apply(service([(remote, "node-b"), (local, "node-a")], policy="Local", protocol=protocol))
-    replies = [request(protocol, path, client) for _ in range(4)]
-    assert set(replies) == {netlab.Reply("poda", client.address)}
+    other = fabric.add_client("other")
+    ranges = [f"{outside.address}/32", "not-a-range", "fd00::/8"]  # a malformed one: a warning, not a crash
+    node_a.apply(
+        service([(podb, "node-b")], protocol=protocol, spec_extra={"loadBalancerSourceRanges": ranges})
+    )
+
+    assert request(protocol, "load-balancer", outside) == netlab.Reply("podb", NODE_A)
+    with pytest.raises(netlab.NoReply, match="timed out"):  # dropped, not refused
+        request(protocol, "load-balancer", other)
+    # The ranges guard the load-balancer IP only: the other paths stay open to everyone.
+    assert request(protocol, "node-port", other) == netlab.Reply("podb", NODE_A)
+    assert request(protocol, "external-ip", other) == netlab.Reply("podb", NODE_A)
+
+
+def test_source_ranges_removed_open_the_load_balancer_again(
+    fabric: Fabric, podb: Namespace, outside: Namespace, node_a: Cluster
+) -> None:
+    node_a.apply(service([(podb, "node-b")], spec_extra={"loadBalancerSourceRanges": ["203.0.113.0/24"]}))
+    with pytest.raises(netlab.NoReply):
+        request("TCP", "load-balancer", outside)
+
+    node_a.apply(service([(podb, "node-b")]))
+
+    assert request("TCP", "load-balancer", outside) == netlab.Reply("podb", NODE_A)
+
+
+# --- the service-IP filter ----------------------------------------------------------------------------------
+
+HOST_PORT = 2222
+
+
+def connects(address: IPv4Address, port: int, client: Namespace) -> bool:
+    """Whether a TCP connection from the client is accepted (refused or timed out: False)."""
+    with netlab.open_socket(client.netns, socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(netlab.DEFAULT_TIMEOUT)
+        try:
+            sock.connect((str(address), port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.fixture
+def host_listener() -> Iterator[socket.socket]:
+    """A host process's listener on node A's 0.0.0.0:2222 (an sshd, say)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", HOST_PORT))
+        sock.listen(16)
+        yield sock
+
+
+def test_a_host_listener_is_not_reachable_through_service_ips(
+    lab: Lab, outside: Namespace, node_a: Cluster, host_listener: socket.socket
+) -> None:
+    # A pod on node A: an outside client's cluster-IP traffic is not masqueraded (no --cluster-cidr), so
+    # only a pod that answers through node A can complete it.
+    node_a.apply(service([(lab.add_pod("poda"), "node-a")]))
+
+    assert connects(NODE_A, HOST_PORT, outside), "the node's own address stays the host's"
+    for address in (CLUSTER_IP, EXTERNAL_IP, LB_IP):
+        assert not connects(address, HOST_PORT, outside), f"{address}:{HOST_PORT} reached the host"
+        assert connects(address, PORT, outside), f"{address}:{PORT} is a service port"
+    assert netlab.tcp_request(CLUSTER_IP, PORT, netns=outside.netns).backend == "poda"
