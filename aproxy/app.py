@@ -37,6 +37,7 @@ from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.debounce import SyncScheduler
 from aproxy.core.drain import DrainClock
+from aproxy.core.health_ports import HealthPortTable
 from aproxy.core.translate import TranslationContext
 from aproxy.kernel_loop import KernelLoop, LoopSettings, LoopStats
 from aproxy.metrics import DaemonMetrics
@@ -45,6 +46,7 @@ from aproxy.sources.base import ListedKind, Source
 from aproxy.sources.file import FileSource
 from aproxy.startup_gc import StartupCollection
 from aproxy.syncer import Syncer
+from aproxy.web.health_ports import HealthCheckListeners
 from aproxy.web.healthz import decide
 from aproxy.web.server import Exposition, HealthSnapshot, ListenError, WebServer
 
@@ -148,6 +150,9 @@ class Daemon:
             metrics=lambda: Exposition(self.metrics.exposition(), self.metrics.content_type),
         )
         self._backend = backend
+        # Health-check node ports (LoadBalancer services with policy Local): the syncer fills the table.
+        self.health_ports = HealthPortTable()
+        self.health_check = HealthCheckListeners(self.health_ports, lambda: self.health().health.healthz)
         self._intake = _Intake(self.tracker, self.loop.changed)
         # This node's Node and its watch (Kubernetes source only); manifest sources: always eligible.
         self.node: ThisNode | None = None
@@ -184,6 +189,8 @@ class Daemon:
                 group.create_task(self._guard("source", self._feed(source)), name="aproxy-source")
                 group.create_task(self._guard("kernel", self._kernel(backend)), name="aproxy-kernel")
                 group.create_task(_stop_on(stop), name="aproxy-stop")
+                health_ports = self._guard("health-ports", self.health_check.serve())
+                group.create_task(health_ports, name="aproxy-health-ports")
                 if self._watch_node is not None:
                     group.create_task(self._guard("node", self._watch_node()), name="aproxy-node")
         except* StopRequested:
@@ -255,7 +262,7 @@ class Daemon:
     async def _kernel(self, backend: Backend) -> None:
         context = await self._translation_context()
         drains = DrainClock(self.settings.drain_grace_period)
-        await self.loop.run(Syncer(self.tracker, context, backend, drains))
+        await self.loop.run(Syncer(self.tracker, context, backend, drains, health_ports=self.health_ports))
 
     async def _translation_context(self) -> TranslationContext:
         settings = self.settings

@@ -27,6 +27,7 @@ from aproxy.backends.base import Backend, OperationResult, ServiceSets
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.datapath import SetDelta, SetEntry, SetMembership, service_entries
 from aproxy.core.drain import DrainClock
+from aproxy.core.health_ports import HealthCheckPort, HealthPortTable, health_check_port
 from aproxy.core.model import (
     BindAddress,
     DeleteVirtualServer,
@@ -96,6 +97,7 @@ class Syncer:
         backend: Backend,
         drain_clock: DrainClock | None = None,
         clock: Callable[[], float] = time.monotonic,
+        health_ports: HealthPortTable | None = None,
     ) -> None:
         self._tracker = tracker
         self._ctx = ctx
@@ -109,6 +111,8 @@ class Syncer:
         # keeps them: they follow the services, not the operations.
         self._sets = backend if isinstance(backend, ServiceSets) else None
         self._membership = SetMembership()
+        # The health-check node ports the web side serves (they follow the services and their endpoints).
+        self._health_ports = health_ports
 
     @property
     def started(self) -> bool:
@@ -131,6 +135,9 @@ class Syncer:
         self._retry.clear()
         desired = desired_all(self._tracker, self._ctx)
         report = await self._execute("start", self._planner.plan_full(desired), len(desired))
+        if self._health_ports is not None:
+            wanted = (self._health_port(key) for key in self._tracker.services())
+            self._health_ports.reset(port for port in wanted if port is not None)
         if self._sets is not None:
             self._membership.reset({key: self._entries(key) for key in self._tracker.services()})
             await self._sets.resync_services(self._membership.entries())
@@ -149,6 +156,9 @@ class Syncer:
             # tracker must not be lost; the next pass plans them again.
             self._retry |= keys
             raise
+        if self._health_ports is not None:
+            for key in keys:
+                self._health_ports.update(key, self._health_port(key))
         if self._sets is not None:
             added: list[SetEntry] = []
             removed: list[SetEntry] = []
@@ -194,6 +204,10 @@ class Syncer:
         return SyncReport("drain", tuple(results))
 
     # --- internals -----------------------------------------------------------------------------------------
+
+    def _health_port(self, key: ServiceKey) -> HealthCheckPort | None:
+        service, slices = self._tracker.inputs(key)
+        return health_check_port(service, slices, self._ctx.node_name)
 
     def _entries(self, key: ServiceKey) -> frozenset[SetEntry]:
         service, _slices = self._tracker.inputs(key)

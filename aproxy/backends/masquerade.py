@@ -36,8 +36,8 @@ services), so their number is a constant whatever the cluster's size (IPv4; IPv6
         #   -m ipvs --vdir ORIGINAL --vmethod MASQ -j MASQUERADE
         # masquerade_all, instead of the node and hairpin rules:
         #   -m ipvs --vdir ORIGINAL --vmethod MASQ -j MASQUERADE
-    filter APROXY-INPUT:  LB-FW and source not in LB-SRC -> DROP; CLUSTER-IP, EXTERNAL-IP, LB -> RETURN;
-                          NEW to an address in IPVS-IPS -> REJECT
+    filter APROXY-INPUT:  LB-FW and source not in LB-SRC -> DROP; CLUSTER-IP, EXTERNAL-IP, LB and
+                          HEALTH-CHECK-TCP -> RETURN; NEW to an address in IPVS-IPS -> REJECT
 
 The mark is set in PREROUTING, while the destination is still the virtual IP, and read in POSTROUTING,
 after IPVS chose a real server. ``-m ipvs`` matches only packets IPVS has forwarded, and ``--vmethod MASQ``
@@ -203,6 +203,7 @@ def input_rules(family: Family) -> list[list[str]]:
         [*_match(SetKind.CLUSTER_IP, family, "dst,dst"), "-j", "RETURN"],
         [*_match(SetKind.EXTERNAL_IP, family, "dst,dst"), "-j", "RETURN"],
         [*_match(SetKind.LOAD_BALANCER, family, "dst,dst"), "-j", "RETURN"],
+        ["-p", "tcp", *_match(SetKind.HEALTH_CHECK_NODE_PORT, family, "dst", L4Protocol.TCP), "-j", "RETURN"],
         [
             *("-m", "conntrack", "--ctstate", "NEW"),
             *_match(SetKind.IPVS_IP, family, "dst"),

@@ -17,6 +17,7 @@ LOAD_BALANCER_FW               APROXY-LOAD-BALANCER-FW      hash:ip,port
 LOAD_BALANCER_SOURCE           APROXY-LOAD-BALANCER-SRC     hash:ip,port,net
 NODE_PORT (TCP, UDP)           APROXY-NODE-PORT-TCP/-UDP    bitmap:port (both families)
 NODE_PORT_LOCAL (TCP, UDP)     APROXY-NODE-PORT-LOCAL-TCP   bitmap:port (both families)
+HEALTH_CHECK_NODE_PORT (TCP)   APROXY-HEALTH-CHECK-TCP      bitmap:port (both families)
 IPVS_IP                        APROXY-IPVS-IPS              hash:ip
 =============================  ===========================  ==================================
 """
@@ -50,8 +51,9 @@ _HASH_TYPES = {
     SetKind.IPVS_IP: ("APROXY-IPVS-IPS", "hash:ip"),
 }
 _PORT_SETS = {
-    SetKind.NODE_PORT: "APROXY-NODE-PORT",
-    SetKind.NODE_PORT_LOCAL: "APROXY-NODE-PORT-LOCAL",
+    SetKind.NODE_PORT: ("APROXY-NODE-PORT", NODE_PORT_PROTOCOLS),
+    SetKind.NODE_PORT_LOCAL: ("APROXY-NODE-PORT-LOCAL", NODE_PORT_PROTOCOLS),
+    SetKind.HEALTH_CHECK_NODE_PORT: ("APROXY-HEALTH-CHECK", (L4Protocol.TCP,)),
 }
 _FAMILY_NAMES = {4: "inet", 6: "inet6"}
 
@@ -60,7 +62,7 @@ def set_name(kind: SetKind, version: int | None = 4, protocol: L4Protocol | None
     """The set of ``kind`` for one family (hash sets) or one protocol (node-port sets)."""
     if kind in _PORT_SETS:
         assert protocol is not None, "a node-port set is per protocol"
-        return f"{_PORT_SETS[kind]}-{protocol.value}"
+        return f"{_PORT_SETS[kind][0]}-{protocol.value}"
     base = _HASH_TYPES[kind][0]
     return base if version == 4 else f"{base}6"
 
@@ -87,8 +89,8 @@ def definitions(versions: Iterable[int]) -> tuple[SetDefinition, ...]:
     ]
     found += [
         SetDefinition(set_name(kind, None, protocol), "bitmap:port", kind, None, protocol)
-        for kind in _PORT_SETS
-        for protocol in NODE_PORT_PROTOCOLS
+        for kind, (_base, protocols) in _PORT_SETS.items()
+        for protocol in protocols
     ]
     return tuple(found)
 

@@ -14,12 +14,14 @@ LOAD_BALANCER (+ _LOCAL)          load-balancer IP, protocol:port (``_LOCAL``: a
 LOAD_BALANCER_FW                  load-balancer IP, protocol:port of services with source ranges
 LOAD_BALANCER_SOURCE              load-balancer IP, protocol:port, allowed source CIDR (same family)
 NODE_PORT (+ _LOCAL)              protocol and node port (TCP and UDP; ``_LOCAL``: also when Local)
+HEALTH_CHECK_NODE_PORT            TCP and the healthCheckNodePort (LoadBalancer, policy Local)
 ================================  ============================================================================
 
 The rules then say: traffic to a member of EXTERNAL_IP, LOAD_BALANCER or NODE_PORT that is not in the
 ``_LOCAL`` set is marked for masquerading; traffic to a LOAD_BALANCER_FW member from a source that is not
 in LOAD_BALANCER_SOURCE is dropped; a new connection to an address on the dummy device is rejected unless
-its destination is a CLUSTER_IP, EXTERNAL_IP or LOAD_BALANCER member (the service-IP filter).
+its destination is a CLUSTER_IP, EXTERNAL_IP or LOAD_BALANCER member or a health-check node port (the
+service-IP filter).
 
 ``SetMembership`` keeps each service's entries and a count per entry (two services may want the same one):
 replacing one service's entries returns only the entries that appeared or disappeared, so one changed
@@ -50,6 +52,7 @@ class SetKind(enum.Enum):
     LOAD_BALANCER_SOURCE = "load-balancer-source"
     NODE_PORT = "node-port"
     NODE_PORT_LOCAL = "node-port-local"
+    HEALTH_CHECK_NODE_PORT = "health-check-node-port"
     # Not a service's: every address bound on the dummy device (the backend follows its binds).
     IPVS_IP = "ipvs-ip"
 
@@ -114,6 +117,10 @@ def service_entries(service: ServiceInfo) -> frozenset[SetEntry]:
             entries.add(SetEntry(SetKind.NODE_PORT, None, protocol, port.node_port))
             if local:
                 entries.add(SetEntry(SetKind.NODE_PORT_LOCAL, None, protocol, port.node_port))
+    if service.health_check_node_port:
+        entries.add(
+            SetEntry(SetKind.HEALTH_CHECK_NODE_PORT, None, L4Protocol.TCP, service.health_check_node_port)
+        )
     return frozenset(entries)
 
 

@@ -113,6 +113,8 @@ class ServiceInfo:
     scheduler: str | None = None  # a valid aproxy.io/scheduler annotation; None = the node's default
     # loadBalancerSourceRanges (valid ones, each once): () = no restriction. Only meaningful for lb_ips.
     source_ranges: tuple[IPv4Network | IPv6Network, ...] = ()
+    # healthCheckNodePort of a LoadBalancer service with externalTrafficPolicy Local; 0 = none.
+    health_check_node_port: int = 0
     skips: tuple[Skip, ...] = ()  # warnings: parts ignored, the rest stands
     # Not part of the value: aproxy.core.translate keeps here what it derives from this service alone (its
     # virtual server keys, port names, bind addresses, for one TranslationContext), so that translating the
@@ -424,6 +426,7 @@ def _parse_service(raw: object) -> ServiceInfo:
         internal_local=_local_policy(spec, "internalTrafficPolicy"),
         scheduler=_scheduler(annotations, warnings),
         source_ranges=_source_ranges(spec.get("loadBalancerSourceRanges"), warnings),
+        health_check_node_port=_health_check_node_port(spec, service_type, warnings),
         skips=tuple(Skip(SERVICE_KIND, namespace, name, reason, Severity.WARNING) for reason in warnings),
     )
 
@@ -543,6 +546,20 @@ def _source_ranges(value: object, warnings: list[str]) -> tuple[IPv4Network | IP
         # Every entry was invalid: the user meant to restrict. An empty tuple would mean "open to all".
         return (_NOBODY,)
     return tuple(ranges)
+
+
+def _health_check_node_port(spec: Mapping[str, Any], service_type: str, warnings: list[str]) -> int:
+    """kube-proxy serves it only for type LoadBalancer with externalTrafficPolicy Local (the API server
+    allocates it only then); elsewhere it is ignored. An invalid one is a warning: no health checks."""
+    if service_type != "LoadBalancer" or _optional_str(spec, "externalTrafficPolicy", "spec") != "Local":
+        return 0
+    value = spec.get("healthCheckNodePort")
+    if value is None:
+        return 0
+    if not _is_int(value) or not 1 <= value <= 65535:
+        warnings.append(f"invalid healthCheckNodePort {_show(value)} ignored")
+        return 0
+    return value
 
 
 # Stands for "restricted, but nobody allowed": a host route no client can be (the unspecified address).

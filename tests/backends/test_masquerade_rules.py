@@ -113,6 +113,7 @@ INPUT_V4 = [
     "-m set --match-set APROXY-CLUSTER-IP dst,dst -j RETURN",
     "-m set --match-set APROXY-EXTERNAL-IP dst,dst -j RETURN",
     "-m set --match-set APROXY-LOAD-BALANCER dst,dst -j RETURN",
+    "-p tcp -m set --match-set APROXY-HEALTH-CHECK-TCP dst -j RETURN",
     "-m conntrack --ctstate NEW -m set --match-set APROXY-IPVS-IPS dst "
     '-m comment --comment "not a service port" -j REJECT',
 ]

@@ -17,7 +17,7 @@ LB6 = ip_address("fd00:51::7")
 def test_names_fit_the_kernels_limit_and_are_distinct() -> None:
     names = [definition.name for definition in service_sets.definitions((4, 6))]
 
-    assert len(names) == len(set(names)) == 2 * 8 + 4
+    assert len(names) == len(set(names)) == 2 * 8 + 5
     assert max(map(len, names)) <= ipset_wire.MAX_SET_NAME
 
 

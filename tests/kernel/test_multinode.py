@@ -10,6 +10,8 @@ the client directly unless node A source-NATs) and pods on node A.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import socket
 from collections.abc import Iterator, Sequence
 from ipaddress import IPv4Address
@@ -19,7 +21,9 @@ from typing import Any
 import pytest
 
 from aproxy.backends.ipvs import IPVSSettings
+from aproxy.core.health_ports import HealthPortTable
 from aproxy.core.translate import TranslationContext
+from aproxy.web.health_ports import HealthCheckListeners
 from tests.core import k8s
 from tests.kernel import netlab
 from tests.kernel.fabric import NODE_A, Fabric
@@ -196,3 +200,50 @@ def test_a_host_listener_is_not_reachable_through_service_ips(
         assert not connects(address, HOST_PORT, outside), f"{address}:{HOST_PORT} reached the host"
         assert connects(address, PORT, outside), f"{address}:{PORT} is a service port"
     assert netlab.tcp_request(CLUSTER_IP, PORT, netns=outside.netns).backend == "poda"
+
+
+# --- health-check node ports --------------------------------------------------------------------------------
+
+HEALTH_PORT = 32100
+
+
+def http_get(address: IPv4Address, port: int, client: Namespace) -> tuple[int, dict[str, Any]]:
+    """One HTTP/1.0 GET / from the client: (status, JSON body)."""
+    with netlab.open_socket(client.netns, socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(netlab.DEFAULT_TIMEOUT)
+        sock.connect((str(address), port))
+        sock.sendall(b"GET /healthz HTTP/1.0\r\nHost: lb\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_health_check_node_port_says_whether_node_a_has_a_ready_local_pod(
+    lab: Lab, podb: Namespace, outside: Namespace, settings: IPVSSettings
+) -> None:
+    table = HealthPortTable()
+    node = Cluster(settings, CTX, health_ports=table)
+    listeners = HealthCheckListeners(table, lambda: True)
+    extra = {"spec_extra": {"healthCheckNodePort": HEALTH_PORT}}
+    try:
+        node.apply(service([(podb, "node-b")], policy="Local", **extra))
+        node.run(listeners.reconcile())
+        status, body = node.run(asyncio.to_thread(http_get, NODE_A, HEALTH_PORT, outside))
+        assert (status, body["localEndpoints"]) == (503, 0)
+
+        poda = lab.add_pod("poda")
+        node.apply(service([(podb, "node-b"), (poda, "node-a")], policy="Local", **extra))
+        node.run(listeners.reconcile())
+        for address in (NODE_A, LB_IP):  # on the LB IP (on kube-ipvs0) the service-IP filter lets it through
+            status, body = node.run(asyncio.to_thread(http_get, address, HEALTH_PORT, outside))
+            assert (status, body["localEndpoints"], body["serviceProxyHealthy"]) == (200, 1, True)
+
+        node.apply(service([(podb, "node-b"), (poda, "node-a")], policy="Cluster", **extra))
+        node.run(listeners.reconcile())
+        assert listeners.ports == frozenset()  # Cluster policy: no health check, the listener closed
+        assert not connects(NODE_A, HEALTH_PORT, outside)
+    finally:
+        node.run(listeners.close())
+        node.close()
