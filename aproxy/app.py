@@ -20,6 +20,7 @@ Stopping leaves the kernel rules in place: a restart must not drop traffic (and 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import signal
@@ -34,10 +35,13 @@ from aproxy.backends.base import Backend
 from aproxy.backends.ipvs import IPVSBackend, IPVSUnavailable
 from aproxy.backends.masquerade import MasqueradeError
 from aproxy.backends.memory import MemoryBackend
+from aproxy.backends.node_addresses import NodePortAddressFollower
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.debounce import SyncScheduler
 from aproxy.core.drain import DrainClock
 from aproxy.core.health_ports import HealthPortTable
+from aproxy.core.model import IPAddress
+from aproxy.core.node_addresses import NodePortAddresses
 from aproxy.core.translate import TranslationContext
 from aproxy.kernel_loop import KernelLoop, LoopSettings, LoopStats
 from aproxy.metrics import DaemonMetrics
@@ -262,7 +266,23 @@ class Daemon:
     async def _kernel(self, backend: Backend) -> None:
         context = await self._translation_context()
         drains = DrainClock(self.settings.drain_grace_period)
-        await self.loop.run(Syncer(self.tracker, context, backend, drains, health_ports=self.health_ports))
+        follower = None
+        if self.settings.backend == "ipvs":
+            # NodePorts on the node's addresses, chosen by --nodeport-addresses and followed live.
+            ipvs = self.settings.ipvs
+            choice = NodePortAddresses.parse(ipvs.nodeport_addresses)
+            follower = NodePortAddressFollower(choice, ipvs.device, context.node_addresses)
+            context = dataclasses.replace(context, node_addresses=await follower.current())
+        syncer = Syncer(self.tracker, context, backend, drains, health_ports=self.health_ports)
+
+        def moved(addresses: frozenset[IPAddress]) -> None:
+            if syncer.set_node_addresses(addresses):
+                self.loop.changed()
+
+        async with asyncio.TaskGroup() as group:
+            if follower is not None:
+                group.create_task(follower.follow(moved), name="aproxy-node-addresses")
+            await self.loop.run(syncer)
 
     async def _translation_context(self) -> TranslationContext:
         settings = self.settings

@@ -22,6 +22,7 @@ from aproxy.backends.ipvs import IPVSBackend, IPVSSettings, IPVSUnavailable, che
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import DEFAULT_SCHEDULER, SCHEDULERS, IPAddress, operation_to_dict
+from aproxy.core.node_addresses import NodePortAddresses
 from aproxy.core.translate import TranslationContext
 from aproxy.settings import Settings, SettingsError, period_floor_problems
 from aproxy.sources.manifest import ManifestError, load_manifests
@@ -262,6 +263,15 @@ def _cidrs(text: str) -> tuple[str, ...]:
     return cidrs
 
 
+def _nodeport_addresses(text: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(","))
+    try:
+        NodePortAddresses.parse(values)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return values
+
+
 def _add_datapath_options(parser: argparse.ArgumentParser) -> None:
     """What surrounds IPVS on the node: source NAT, ARP, sysctls (backends/masquerade.py, sysctl.py)."""
     parser.add_argument(
@@ -275,6 +285,14 @@ def _add_datapath_options(parser: argparse.ArgumentParser) -> None:
         default=(),
         metavar="CIDR[,CIDR]",
         help="the pod network: cluster-IP traffic from outside it is source-NATed (kube-proxy's meaning)",
+    )
+    parser.add_argument(
+        "--nodeport-addresses",
+        type=_nodeport_addresses,
+        default=(),
+        metavar="CIDR[,CIDR]|primary",
+        help="NodePorts on the local addresses in these CIDRs, or on the node's primary IPs (default: every "
+        "local address but loopback and the device's), followed as addresses come and go (run)",
     )
     parser.add_argument(
         "--strict-arp",
@@ -297,6 +315,7 @@ def _datapath_settings(args: argparse.Namespace) -> dict[str, Any]:
         "cluster_cidrs": getattr(args, "cluster_cidr", defaults.cluster_cidrs),
         "strict_arp": getattr(args, "strict_arp", defaults.strict_arp),
         "manage_sysctls": getattr(args, "manage_sysctls", defaults.manage_sysctls),
+        "nodeport_addresses": getattr(args, "nodeport_addresses", defaults.nodeport_addresses),
     }
 
 

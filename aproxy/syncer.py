@@ -16,6 +16,7 @@ that says the applied state was wrong (EEXIST, ENOENT, ...) first re-reads the k
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
@@ -117,6 +118,20 @@ class Syncer:
     @property
     def started(self) -> bool:
         return self._planner is not None
+
+    @property
+    def context(self) -> TranslationContext:
+        return self._ctx
+
+    def set_node_addresses(self, addresses: frozenset[IPAddress]) -> bool:
+        """NodePorts move to ``addresses`` at the next sync; False when they are the same already. Every
+        service is planned again (NodePorts and which external IPs are bound depend on them): O(cluster),
+        but an address coming or going is rare."""
+        if addresses == self._ctx.node_addresses:
+            return False
+        self._ctx = dataclasses.replace(self._ctx, node_addresses=addresses)
+        self._retry |= self._tracker.services()
+        return True
 
     @property
     def pending_retries(self) -> frozenset[ServiceKey]:

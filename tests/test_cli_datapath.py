@@ -22,13 +22,15 @@ def test_defaults_keep_kube_proxys_defaults() -> None:
 )
 def test_every_flag_reaches_the_settings(command: list[str]) -> None:
     flags = ["--masquerade-all", "--cluster-cidr", "10.244.0.0/16, fd00:10:244::/56", "--strict-arp"]
-    args = cli.build_parser().parse_args([*command, *flags, "--no-manage-sysctls"])
+    more = ["--no-manage-sysctls", "--nodeport-addresses", "192.168.0.0/16,fd00::/8"]
+    args = cli.build_parser().parse_args([*command, *flags, *more])
 
     assert cli._settings(args) == IPVSSettings(
         masquerade_all=True,
         cluster_cidrs=("10.244.0.0/16", "fd00:10:244::/56"),
         strict_arp=True,
         manage_sysctls=False,
+        nodeport_addresses=("192.168.0.0/16", "fd00::/8"),
     )
 
 
@@ -44,3 +46,11 @@ def test_cleanup_takes_no_data_path_flag_and_builds_default_settings() -> None:
     args = cli.build_parser().parse_args(["cleanup"])
 
     assert cli._settings(args) == IPVSSettings()
+
+
+def test_nodeport_addresses_take_primary_alone_or_cidrs() -> None:
+    args = cli.build_parser().parse_args([*RUN, "--nodeport-addresses", "primary"])
+    assert cli._settings(args).nodeport_addresses == ("primary",)
+
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*RUN, "--nodeport-addresses", "primary,10.0.0.0/8"])

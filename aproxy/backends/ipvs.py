@@ -57,6 +57,7 @@ from aproxy.core.model import (
     VirtualServerSpec,
     virtual_server_of,
 )
+from aproxy.core.node_addresses import NodePortAddresses
 from aproxy.core.state import IPVSState
 
 log = logging.getLogger(__name__)
@@ -113,9 +114,12 @@ class IPVSSettings:
     masquerade: bool = True
     masquerade_all: bool = False
     cluster_cidrs: tuple[str, ...] = ()
+    # --nodeport-addresses: CIDRs, ("primary",), or () for every local address (core/node_addresses.py).
+    nodeport_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+        NodePortAddresses.parse(self.nodeport_addresses)  # ValueError now, not at start-up
 
     @property
     def batch_limits(self) -> BatchLimits:

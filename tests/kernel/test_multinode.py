@@ -13,20 +13,23 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Iterator, Sequence
-from ipaddress import IPv4Address
+from collections.abc import Callable, Iterator, Sequence
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from aproxy.backends.ipvs import IPVSSettings
+from aproxy.backends.node_addresses import NodePortAddressFollower
 from aproxy.core.health_ports import HealthPortTable
+from aproxy.core.model import IPAddress
+from aproxy.core.node_addresses import NodePortAddresses
 from aproxy.core.translate import TranslationContext
 from aproxy.web.health_ports import HealthCheckListeners
 from tests.core import k8s
 from tests.kernel import netlab
-from tests.kernel.fabric import NODE_A, Fabric
+from tests.kernel.fabric import BRIDGE, NODE_A, Fabric
 from tests.kernel.netlab import ECHO_PORT, Lab, Namespace
 from tests.kernel.test_traffic import Cluster
 
@@ -247,3 +250,55 @@ def test_health_check_node_port_says_whether_node_a_has_a_ready_local_pod(
     finally:
         node.run(listeners.close())
         node.close()
+
+
+# --- NodePort addresses, followed live ----------------------------------------------------------------------
+
+NEW_ADDRESS = IPv4Address("192.168.50.77")
+
+
+def node_port_addresses() -> set[IPv4Address | IPv6Address]:
+    keys = netlab.read_ipvs().keys()
+    return {key.address for key in keys if key.port == NODE_PORT}
+
+
+async def next_change(follower: NodePortAddressFollower, change: Callable[[], None]) -> frozenset[IPAddress]:
+    """Follow the node's addresses, make ``change``, return the addresses the follower then reports."""
+    reported: asyncio.Future[frozenset[IPAddress]] = asyncio.get_running_loop().create_future()
+    following = asyncio.create_task(follower.follow(lambda now: reported.done() or reported.set_result(now)))
+    try:
+        await asyncio.sleep(0.2)  # subscribed before the change
+        await asyncio.to_thread(change)  # pyroute2's blocking API wants a thread without a running loop
+        return await asyncio.wait_for(reported, 5)
+    finally:
+        following.cancel()
+        await asyncio.gather(following, return_exceptions=True)
+
+
+def test_a_node_address_added_gets_its_node_ports_within_one_sync_and_loses_them_when_removed(
+    podb: Namespace, outside: Namespace, node_a: Cluster
+) -> None:
+    follower = NodePortAddressFollower(NodePortAddresses(), netlab.DUMMY_DEVICE, frozenset())
+    node_a.syncer.set_node_addresses(node_a.run(follower.current()))
+    node_a.apply(service([(podb, "node-b")]))
+    before = node_port_addresses()
+    assert NODE_A in before and NEW_ADDRESS not in before
+    assert not {CLUSTER_IP, EXTERNAL_IP, LB_IP} & before, "kube-ipvs0's addresses are not node addresses"
+
+    def add() -> None:
+        with netlab.rtnl() as ipr:
+            ipr.addr("add", index=netlab._link_index(ipr, BRIDGE), address=str(NEW_ADDRESS), prefixlen=24)
+
+    addresses = node_a.run(next_change(follower, add))
+    assert node_a.syncer.set_node_addresses(addresses)
+    node_a.apply([])  # one sync
+    assert node_port_addresses() == before | {NEW_ADDRESS}
+    assert netlab.tcp_request(NEW_ADDRESS, NODE_PORT, netns=outside.netns).backend == "podb"
+
+    def remove() -> None:
+        with netlab.rtnl() as ipr:
+            ipr.addr("del", index=netlab._link_index(ipr, BRIDGE), address=str(NEW_ADDRESS), prefixlen=24)
+
+    node_a.syncer.set_node_addresses(node_a.run(next_change(follower, remove)))
+    node_a.apply([])
+    assert node_port_addresses() == before
