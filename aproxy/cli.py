@@ -457,8 +457,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _cleanup(args: argparse.Namespace) -> int:
     async def run() -> int:
-        async with IPVSBackend(_settings(args)) as backend:
+        backend = IPVSBackend(_settings(args))
+        await backend.open(prepare=False)  # cleanup creates nothing and writes no sysctl on its way
+        try:
             return await backend.cleanup()
+        finally:
+            await backend.close()
 
     removed = uvloop.run(run())
     sys.stdout.write(f"removed {removed} virtual servers and the device {args.device}\n")

@@ -102,6 +102,7 @@ MASQ_MARK = "0x4000"
 SET_NAMES = {4: "APROXY-LOOP-BACK", 6: "APROXY-LOOP-BACK6"}
 JUMP_COMMENT = "aproxy: source NAT for IPVS traffic"
 IPV6_PROC = Path("/proc/net/if_inet6")
+IP_SET_MODULE = Path("/sys/module/ip_set")
 IPVS_NAT = ("-m", "ipvs", "--vdir", "ORIGINAL", "--vmethod", "MASQ")
 # ipset: 'add APROXY-LOOP-BACK 10.244.1.5,tcp:8080,10.244.1.5' as `ipset save` prints members.
 _SAVED_MEMBER = re.compile(r"^add (\S+) ([0-9a-fA-F.:]+),(tcp|udp|sctp):(\d+),([0-9a-fA-F.:]+)$")
@@ -512,13 +513,19 @@ class Masquerade:
                     await self._must(family.iptables, "-w", "-t", jump.table, "-D", *rule)
             if await self._succeeds(family.iptables, "-w", "-t", "nat", "-S", CHAIN):
                 await self._must(family.restore, "-w", "--noflush", stdin=removal_text())
+        if not _ip_set_loaded():
+            return self._forget()  # no set can exist; asking ipset would load the module
         present = set((await self._must("ipset", "list", "-n")).stdout.split())
         names = [family.set_name for family in self.families]
         names += [definition.name for definition in service_sets.definitions((4, 6))]
         for name in names:
             if name in present:
                 await self._must("ipset", "destroy", name)
+        self._forget()
+
+    def _forget(self) -> None:
         self._members = LoopBackMembers()
+        self._bound = set()
         self.close()
 
     def _versions(self) -> set[int]:
@@ -565,6 +572,10 @@ class Masquerade:
     async def _succeeds(self, *argv: str) -> bool:
         self.commands_run += 1
         return await succeeds(*argv)
+
+
+def _ip_set_loaded() -> bool:
+    return IP_SET_MODULE.exists()  # a sysfs stat: instant
 
 
 def available_families() -> tuple[Family, ...]:

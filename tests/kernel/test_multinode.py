@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -302,3 +304,71 @@ def test_a_node_address_added_gets_its_node_ports_within_one_sync_and_loses_them
     node_a.syncer.set_node_addresses(node_a.run(next_change(follower, remove)))
     node_a.apply([])
     assert node_port_addresses() == before
+
+
+# --- aproxy cleanup -----------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+WATCHED_SYSCTLS = ("net/ipv4/ip_forward", "net/ipv4/vs/conntrack", "net/ipv4/conf/all/arp_ignore")
+
+
+def aproxy_cleanup(state_file: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "aproxy.cli", "cleanup", "--state-file", str(state_file)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def aproxy_objects() -> list[str]:
+    """Every trace of aproxy in iptables (both families, every table) and ipset."""
+    found = [
+        line for command in ("iptables-save", "ip6tables-save") for line in netlab.run(command).splitlines()
+    ]
+    found += netlab.run("ipset", "list", "-n").split() if Path("/sys/module/ip_set").exists() else []
+    return [line for line in found if "APROXY" in line]
+
+
+def test_cleanup_on_a_pristine_node_creates_nothing_and_writes_no_sysctl(tmp_path: Path) -> None:
+    netlab.write_sysctl("net/ipv4/ip_forward", "0")
+    netlab.write_sysctl("net/ipv4/vs/conntrack", "0")
+    before = {name: netlab.read_sysctl(name) for name in WATCHED_SYSCTLS}
+
+    aproxy_cleanup(tmp_path / "owned.json")
+
+    assert {name: netlab.read_sysctl(name) for name in WATCHED_SYSCTLS} == before
+    assert not Path("/sys/class/net", netlab.DUMMY_DEVICE).exists()
+    assert aproxy_objects() == []
+
+
+def test_cleanup_removes_exactly_what_aproxy_made(
+    lab: Lab, podb: Namespace, settings: IPVSSettings, tmp_path: Path
+) -> None:
+    netlab.run("iptables", "-t", "filter", "-N", "FOREIGN-IN")
+    netlab.run("iptables", "-t", "filter", "-A", "INPUT", "-s", "192.0.2.0/24", "-j", "FOREIGN-IN")
+    netlab.run("ipset", "create", "FOREIGN-SET", "hash:ip")
+    node = Cluster(settings, CTX, health_ports=HealthPortTable())
+    try:
+        extra = {"loadBalancerSourceRanges": ["192.168.50.0/24"], "healthCheckNodePort": HEALTH_PORT}
+        node.apply(
+            service([(podb, "node-b"), (lab.add_pod("poda"), "node-a")], policy="Local", spec_extra=extra)
+        )
+    finally:
+        node.close()
+    assert len(aproxy_objects()) > 20  # chains, jumps, rules and sets of both families
+    before = {name: netlab.read_sysctl(name) for name in WATCHED_SYSCTLS}
+
+    aproxy_cleanup(settings.state_file)
+
+    assert aproxy_objects() == []
+    assert len(netlab.read_ipvs()) == 0
+    assert not Path("/sys/class/net", netlab.DUMMY_DEVICE).exists()
+    assert "-A INPUT -s 192.0.2.0/24 -j FOREIGN-IN" in netlab.run("iptables-save", "-t", "filter")
+    assert "FOREIGN-SET" in netlab.run("ipset", "list", "-n").split()
+    assert {name: netlab.read_sysctl(name) for name in WATCHED_SYSCTLS} == before
+    netlab.run("ipset", "destroy", "FOREIGN-SET")
