@@ -20,6 +20,7 @@ Stopping leaves the kernel rules in place: a restart must not drop traffic (and 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import signal
@@ -34,11 +35,14 @@ from aproxy.backends.base import Backend
 from aproxy.backends.ipvs import IPVSBackend, IPVSUnavailable
 from aproxy.backends.masquerade import MasqueradeError
 from aproxy.backends.memory import MemoryBackend
+from aproxy.backends.node_addresses import NodePortAddressFollower
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.debounce import SyncScheduler
 from aproxy.core.drain import DrainClock
+from aproxy.core.health_ports import HealthPortTable
 from aproxy.core.latency import ProgrammingLatency, slice_service, trigger_time
-from aproxy.core.model import ServiceKey
+from aproxy.core.model import IPAddress, ServiceKey
+from aproxy.core.node_addresses import NodePortAddresses
 from aproxy.core.translate import TranslationContext
 from aproxy.core.verdicts import HealthView
 from aproxy.health.checker import HealthChecker, HealthStats
@@ -49,6 +53,7 @@ from aproxy.sources.base import ListedKind, Pending, Source
 from aproxy.sources.file import FileSource
 from aproxy.startup_gc import StartupCollection
 from aproxy.syncer import Syncer
+from aproxy.web.health_ports import HealthCheckListeners
 from aproxy.web.healthz import decide
 from aproxy.web.server import Exposition, HealthSnapshot, ListenError, WebServer
 
@@ -174,6 +179,9 @@ class Daemon:
             metrics=lambda: Exposition(self.metrics.exposition(), self.metrics.content_type),
         )
         self._backend = backend
+        # Health-check node ports (LoadBalancer services with policy Local): the syncer fills the table.
+        self.health_ports = HealthPortTable()
+        self.health_check = HealthCheckListeners(self.health_ports, lambda: self.health().health.healthz)
         self._intake = _Intake(self.tracker, self.loop.changed, self.latency)
         self.health_checker: HealthChecker | None = None
         if settings.health_checks.enabled:
@@ -219,6 +227,8 @@ class Daemon:
                 group.create_task(self._guard("source", self._feed(source)), name="aproxy-source")
                 group.create_task(self._guard("kernel", self._kernel(backend)), name="aproxy-kernel")
                 group.create_task(_stop_on(stop), name="aproxy-stop")
+                health_ports = self._guard("health-ports", self.health_check.serve())
+                group.create_task(health_ports, name="aproxy-health-ports")
                 if self._watch_node is not None:
                     group.create_task(self._guard("node", self._watch_node()), name="aproxy-node")
                 if self.health_checker is not None:
@@ -299,7 +309,23 @@ class Daemon:
         health = self.health_view if self.health_checker is not None else None
         if self.health_checker is not None and isinstance(backend, IPVSBackend):
             self.health_checker.usage = backend.usage  # scope "used": what the kernel's dumps saw
-        await self.loop.run(Syncer(self.tracker, context, backend, drains, health=health))
+        follower = None
+        if self.settings.backend == "ipvs":
+            # NodePorts on the node's addresses, chosen by --nodeport-addresses and followed live.
+            ipvs = self.settings.ipvs
+            choice = NodePortAddresses.parse(ipvs.nodeport_addresses)
+            follower = NodePortAddressFollower(choice, ipvs.device, context.node_addresses)
+            context = dataclasses.replace(context, node_addresses=await follower.current())
+        syncer = Syncer(self.tracker, context, backend, drains, health=health, health_ports=self.health_ports)
+
+        def moved(addresses: frozenset[IPAddress]) -> None:
+            if syncer.set_node_addresses(addresses):
+                self.loop.changed()
+
+        async with asyncio.TaskGroup() as group:
+            if follower is not None:
+                group.create_task(follower.follow(moved), name="aproxy-node-addresses")
+            await self.loop.run(syncer)
 
     def _health_changed(self, services: frozenset[ServiceKey]) -> None:
         self.tracker.mark_dirty(services)

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import orjson
 import uvloop
@@ -36,6 +37,7 @@ from aproxy.core.model import (
     VirtualServerKey,
     operation_to_dict,
 )
+from aproxy.core.node_addresses import NodePortAddresses
 from aproxy.core.translate import TranslationContext
 from aproxy.core.verdicts import HealthView
 from aproxy.health.config import SCOPES, HealthCheckSettings
@@ -160,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_node_options(sync)
     _add_kernel_options(sync)
+    _add_datapath_options(sync)
     _add_backend_option(sync, dry_run_table="an empty in-memory table")
     sync.add_argument(
         "--output", choices=["json", "text"], default="text", help="text (default) or json lines"
@@ -195,6 +198,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     _add_node_options(run, source_required=False)
     _add_cluster_options(run, kubeconfig_help="kubeconfig file (instead of --source)")
     _add_kernel_options(run)
+    _add_datapath_options(run)
     _add_backend_option(run, dry_run_table="an in-memory table")
     _add_kube_proxy_options(run)
     periods = (
@@ -378,7 +382,76 @@ def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace) -> IPVSSettings:
-    return IPVSSettings(device=args.device, state_file=args.state_file)
+    return IPVSSettings(device=args.device, state_file=args.state_file, **_datapath_settings(args))
+
+
+def _cidrs(text: str) -> tuple[str, ...]:
+    """kube-proxy's --cluster-cidr: one CIDR, or a comma-separated pair for dual-stack."""
+    cidrs = tuple(part.strip() for part in text.split(",") if part.strip())
+    for cidr in cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a CIDR: {cidr!r}") from None
+    return cidrs
+
+
+def _nodeport_addresses(text: str) -> tuple[str, ...]:
+    values = tuple(part.strip() for part in text.split(","))
+    try:
+        NodePortAddresses.parse(values)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return values
+
+
+def _add_datapath_options(parser: argparse.ArgumentParser) -> None:
+    """What surrounds IPVS on the node: source NAT, ARP, sysctls (backends/masquerade.py, sysctl.py)."""
+    parser.add_argument(
+        "--masquerade-all",
+        action="store_true",
+        help="source-NAT all traffic IPVS forwards (kube-proxy's --masquerade-all)",
+    )
+    parser.add_argument(
+        "--cluster-cidr",
+        type=_cidrs,
+        default=(),
+        metavar="CIDR[,CIDR]",
+        help="the pod network: cluster-IP traffic from outside it is source-NATed (kube-proxy's meaning)",
+    )
+    parser.add_argument(
+        "--nodeport-addresses",
+        type=_nodeport_addresses,
+        default=(),
+        metavar="CIDR[,CIDR]|primary",
+        help="NodePorts on the local addresses in these CIDRs, or on the node's primary IPs (default: every "
+        "local address but loopback and the device's), followed as addresses come and go (run)",
+    )
+    parser.add_argument(
+        "--ipvs-strict-arp",
+        "--strict-arp",
+        dest="strict_arp",
+        action="store_true",
+        help="arp_ignore=1, arp_announce=2: no ARP answers for kube-ipvs0's addresses (MetalLB)",
+    )
+    parser.add_argument(
+        "--manage-sysctls",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="set the sysctls IPVS needs (net/ipv4/vs/conntrack, ip_forward, ...) at start (default: yes)",
+    )
+
+
+def _datapath_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The IPVSSettings fields of ``_add_datapath_options`` (their defaults for commands without them)."""
+    defaults = IPVSSettings()
+    return {
+        "masquerade_all": getattr(args, "masquerade_all", defaults.masquerade_all),
+        "cluster_cidrs": getattr(args, "cluster_cidr", defaults.cluster_cidrs),
+        "strict_arp": getattr(args, "strict_arp", defaults.strict_arp),
+        "manage_sysctls": getattr(args, "manage_sysctls", defaults.manage_sysctls),
+        "nodeport_addresses": getattr(args, "nodeport_addresses", defaults.nodeport_addresses),
+    }
 
 
 def tracker_from_manifests(paths: Sequence[Path]) -> ChangeTracker:
@@ -563,8 +636,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _cleanup(args: argparse.Namespace) -> int:
     async def run() -> int:
-        async with IPVSBackend(_settings(args)) as backend:
+        backend = IPVSBackend(_settings(args))
+        await backend.open(prepare=False)  # cleanup creates nothing and writes no sysctl on its way
+        try:
             return await backend.cleanup()
+        finally:
+            await backend.close()
 
     removed = uvloop.run(run())
     sys.stdout.write(f"removed {removed} virtual servers and the device {args.device}\n")
@@ -708,14 +785,7 @@ def _kube_proxy_ipvs_settings(args: argparse.Namespace, ipvs: IPVSSettings) -> I
     except ValueError as exc:
         raise SettingsError(f"--ipvs-*-timeout: {exc}") from None
     changes: dict[str, object] = {"timeouts": timeouts}
-    for dest, field in (
-        ("ipvs_strict_arp", "strict_arp"),
-        ("masquerade_all", "masquerade_all"),
-        ("cluster_cidr", "cluster_cidrs"),
-    ):
-        if hasattr(args, dest):
-            value = getattr(args, dest)
-            changes[field] = tuple(value) if isinstance(value, list) else value
+    # masqueradeAll, clusterCIDR, strictARP and nodePortAddresses set the flags' own options: _settings.
     return dataclasses.replace(ipvs, **changes)  # type: ignore[arg-type]
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Final, Literal
 
 from aproxy.core.model import SCHEDULERS
+from aproxy.core.node_addresses import NodePortAddresses
 from aproxy.sources.manifest import read_documents
 from aproxy.web.server import ListenAddress, ListenAddressError
 
@@ -159,6 +160,17 @@ def _ips(value: object) -> object:
     return [_ip(item) for item in value]
 
 
+def _nodeport_addresses(value: object) -> object:
+    """kube-proxy's nodePortAddresses: CIDRs, or ``primary`` (checked as --nodeport-addresses is)."""
+    assert isinstance(value, list)
+    addresses = tuple(str(item).strip() for item in value)
+    try:
+        NodePortAddresses.parse(addresses)
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
+    return addresses
+
+
 def _cidrs(value: object) -> object:
     """A list of CIDRs, or kube-proxy's comma-separated dual-stack pair in one string."""
     items = value.split(",") if isinstance(value, str) else value
@@ -169,7 +181,7 @@ def _cidrs(value: object) -> object:
             cidrs.append(str(ipaddress.ip_network(str(item).strip(), strict=False)))
         except ValueError:
             raise _Invalid(f"{item!r} is not a CIDR") from None
-    return cidrs
+    return tuple(cidrs)  # as --cluster-cidr gives them
 
 
 def _log_format(value: object) -> object:
@@ -265,7 +277,7 @@ KUBE_PROXY_FIELDS: Final[Mapping[str, _Field]] = {
             "minSyncPeriod": _Field("duration", dest="min_sync_period", convert=_seconds),
             "scheduler": _Field("str", dest="ipvs_scheduler", convert=_scheduler),
             "excludeCIDRs": _unimplemented("strings", _NOT_YET, nullable=True),
-            "strictARP": _Field("bool", dest="ipvs_strict_arp"),
+            "strictARP": _Field("bool", dest="strict_arp"),
             "tcpTimeout": _Field("duration", dest="ipvs_tcp_timeout", convert=_seconds),
             "tcpFinTimeout": _Field("duration", dest="ipvs_tcpfin_timeout", convert=_seconds),
             "udpTimeout": _Field("duration", dest="ipvs_udp_timeout", convert=_seconds),
@@ -299,7 +311,9 @@ KUBE_PROXY_FIELDS: Final[Mapping[str, _Field]] = {
         },
     ),
     "clusterCIDR": _Field("str", dest="cluster_cidr", convert=_cidrs),
-    "nodePortAddresses": _unimplemented("strings", _NOT_YET, nullable=True),
+    "nodePortAddresses": _Field(
+        "strings", dest="nodeport_addresses", convert=_nodeport_addresses, nullable=True
+    ),
     "oomScoreAdj": _unimplemented("int", "aproxy leaves its OOM score alone", nullable=True),
     "conntrack": _Field(
         "mapping",

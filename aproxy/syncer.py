@@ -16,6 +16,7 @@ that says the applied state was wrong (EEXIST, ENOENT, ...) first re-reads the k
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
@@ -23,9 +24,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from errno import EBUSY
 
-from aproxy.backends.base import Backend, OperationResult
+from aproxy.backends.base import Backend, OperationResult, ServiceSets
 from aproxy.core.changes import ChangeTracker
+from aproxy.core.datapath import SetDelta, SetEntry, SetMembership, service_entries
 from aproxy.core.drain import DrainClock
+from aproxy.core.health_ports import HealthCheckPort, HealthPortTable, health_check_port
 from aproxy.core.model import (
     BindAddress,
     DeleteVirtualServer,
@@ -97,6 +100,7 @@ class Syncer:
         drain_clock: DrainClock | None = None,
         clock: Callable[[], float] = time.monotonic,
         health: HealthView | None = None,
+        health_ports: HealthPortTable | None = None,
     ) -> None:
         self._tracker = tracker
         # Health verdicts (aproxy/health/): unhealthy backends at weight 0 in every translated service.
@@ -108,6 +112,12 @@ class Syncer:
         self._planner: Planner | None = None
         self._retry: set[ServiceKey] = set()
         self.counters = SyncCounters()
+        # The service sets around IPVS (source NAT, source ranges, the service-IP filter), when the backend
+        # keeps them: they follow the services, not the operations.
+        self._sets = backend if isinstance(backend, ServiceSets) else None
+        self._membership = SetMembership()
+        # The health-check node ports the web side serves (they follow the services and their endpoints).
+        self._health_ports = health_ports
 
     @property
     def started(self) -> bool:
@@ -117,6 +127,16 @@ class Syncer:
     def context(self) -> TranslationContext:
         """The node the syncer translates for."""
         return self._ctx
+
+    def set_node_addresses(self, addresses: frozenset[IPAddress]) -> bool:
+        """NodePorts move to ``addresses`` at the next sync; False when they are the same already. Every
+        service is planned again (NodePorts and which external IPs are bound depend on them): O(cluster),
+        but an address coming or going is rare."""
+        if addresses == self._ctx.node_addresses:
+            return False
+        self._ctx = dataclasses.replace(self._ctx, node_addresses=addresses)
+        self._retry |= self._tracker.services()
+        return True
 
     @property
     def pending_retries(self) -> frozenset[ServiceKey]:
@@ -134,7 +154,14 @@ class Syncer:
         self._tracker.take_dirty()
         self._retry.clear()
         desired = desired_all(self._tracker, self._ctx, self._health)
-        return await self._execute("start", self._planner.plan_full(desired), len(desired))
+        report = await self._execute("start", self._planner.plan_full(desired), len(desired))
+        if self._health_ports is not None:
+            wanted = (self._health_port(key) for key in self._tracker.services())
+            self._health_ports.reset(port for port in wanted if port is not None)
+        if self._sets is not None:
+            self._membership.reset({key: self._entries(key) for key in self._tracker.services()})
+            await self._sets.resync_services(self._membership.entries())
+        return report
 
     async def sync(self) -> SyncReport:
         """Plan and apply the services changed since the last pass, and retry those that failed."""
@@ -143,12 +170,25 @@ class Syncer:
         self._retry = set()
         desired = {key: self._desired(key) for key in sorted_keys(keys)}
         try:
-            return await self._execute("sync", planner.plan(desired), len(desired))
+            report = await self._execute("sync", planner.plan(desired), len(desired))
         except BaseException:
             # The backend could not be reached at all (or the pass was cancelled): the keys taken from the
             # tracker must not be lost; the next pass plans them again.
             self._retry |= keys
             raise
+        if self._health_ports is not None:
+            for key in keys:
+                self._health_ports.update(key, self._health_port(key))
+        if self._sets is not None:
+            added: list[SetEntry] = []
+            removed: list[SetEntry] = []
+            for key in keys:
+                delta = self._membership.replace(key, self._entries(key))
+                added += delta.added
+                removed += delta.removed
+            if added or removed:
+                await self._sets.update_services(SetDelta(tuple(added), tuple(removed)))
+        return report
 
     async def audit(self) -> SyncReport:
         """Repair what differs between the kernel and the applied state; the only full comparison."""
@@ -156,7 +196,10 @@ class Syncer:
         self.counters.audit_repairs += len(plan)
         if len(plan):
             log.warning("audit found drift", extra={"repairs": len(plan)})
-        return await self._execute("audit", plan, 0)
+        report = await self._execute("audit", plan, 0)
+        if self._sets is not None:
+            await self._sets.resync_services(self._membership.entries())
+        return report
 
     async def drain(self) -> SyncReport:
         """Delete drained TCP real servers with no connections left, or past their grace period."""
@@ -181,6 +224,14 @@ class Syncer:
         return SyncReport("drain", tuple(results))
 
     # --- internals -----------------------------------------------------------------------------------------
+
+    def _health_port(self, key: ServiceKey) -> HealthCheckPort | None:
+        service, slices = self._tracker.inputs(key)
+        return health_check_port(service, slices, self._ctx.node_name)
+
+    def _entries(self, key: ServiceKey) -> frozenset[SetEntry]:
+        service, _slices = self._tracker.inputs(key)
+        return service_entries(service) if service is not None else frozenset()
 
     def _desired(self, key: ServiceKey) -> ServiceState | None:
         state, _skips_already_reported_at_intake = self._tracker.desired(key, self._ctx)

@@ -20,6 +20,16 @@ In one guest boot:
    slice. The sync that meets ENOENT re-reads that one virtual server (``Backend.read``), the next sync
    converges: their time and IPVS read requests, against the full dump of figure 3.
 
+``.venv/bin/python bench/kernel.py datapath`` measures the machinery around IPVS instead (its own guest
+boot, ``guest_datapath``): services that are LoadBalancers with an external IP and a NodePort, half of them
+``externalTrafficPolicy: Local`` with a health-check port, a quarter with ``loadBalancerSourceRanges``,
+masquerade, source ranges and the service-IP filter on:
+
+5. one endpoint change at 1,000 such services: operations, IPVS requests, ipset netlink batches and members,
+   processes started (none), time (median of 20); and one service change (its node port moved);
+6. the iptables rule count (both families, every table) and the set member count at 100 and at 10,000 of
+   them: the rules stay a constant, only the sets grow.
+
 Every syscall costs about 1 ms in the guest: these are user-mode Linux figures, good for ratios between
 writers in the same boot, not as absolute performance.
 """
@@ -44,6 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
+from aproxy.backends.masquerade import Masquerade
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import (
     AddRealServer,
@@ -67,6 +78,9 @@ from tests.kernel import run as guest
 FIGURES_FILE = "kernel-bench.json"
 COMMAND = ".venv/bin/python bench/kernel.py"
 GUEST_PYTEST_ARGS = ("-o", "python_functions=guest_main", str(Path(__file__).resolve()))
+DATAPATH_FILE = "kernel-datapath-bench.json"
+DATAPATH_PYTEST_ARGS = ("-o", "python_functions=guest_datapath", str(Path(__file__).resolve()))
+DATAPATH_SIZES = (100, 10_000)
 
 SERVICES = 1000
 ENDPOINTS = 10
@@ -248,22 +262,24 @@ def render(figures: Figures) -> str:
 
 
 def main() -> int:
+    datapath = sys.argv[1:] == ["datapath"]
     settings = guest.Settings.from_environment()
     reason = guest.unavailable_reason(settings)
     if reason is not None:
         print(f"kernel benchmark cannot run here: {reason}", file=sys.stderr)
         return guest.EXIT_UNAVAILABLE
     try:
-        run = guest.run_guest(GUEST_PYTEST_ARGS, settings)
+        run = guest.run_guest(DATAPATH_PYTEST_ARGS if datapath else GUEST_PYTEST_ARGS, settings)
     except guest.GuestError as exc:
         print(f"kernel benchmark: {exc}", file=sys.stderr)
         return guest.EXIT_NO_RESULT
-    figures = run.run_dir / FIGURES_FILE
+    figures = run.run_dir / (DATAPATH_FILE if datapath else FIGURES_FILE)
     if run.exit_code != 0 or not figures.exists():
         why = run.error or f"guest pytest exit code {run.exit_code}"
         print(f"kernel benchmark failed in the guest: {why}\n{run.log_tail()}", file=sys.stderr)
         return guest.EXIT_NO_RESULT
-    print(render(Figures.from_json(json.loads(figures.read_text()))))
+    data = json.loads(figures.read_text())
+    print(render_datapath(data) if datapath else render(Figures.from_json(data)))
     return 0
 
 
@@ -501,6 +517,184 @@ async def _state_mismatch(tracker: ChangeTracker, syncer: Syncer, backend: IPVSB
     if RealServerKey(victim, TARGET_PORT) in weights or len(weights) != ENDPOINTS - 1:
         raise WrongTable(f"after the mismatch at {size} services the kernel holds {weights}")
     return ReconcileFigure(size, backend.settings.masquerade, seconds, retry_seconds, *read)
+
+
+# --- (5, 6) the machinery around IPVS -----------------------------------------------------------------------
+
+FIRST_EXTERNAL_IP = IPv4Address("10.120.0.0")
+FIRST_LB_IP = IPv4Address("10.140.0.0")
+FIRST_NODE_PORT = 30000
+FIRST_HEALTH_PORT = 20000
+
+
+def datapath_service(index: int) -> k8s.Obj:
+    """LoadBalancer ``svc-i`` with an external IP and a node port; odd ones Local with a health-check port,
+    every fourth with source ranges."""
+    node_port = FIRST_NODE_PORT + index % 30_000
+    extra: dict[str, Any] = {}
+    if index % 2:
+        extra["healthCheckNodePort"] = FIRST_HEALTH_PORT + index % 10_000
+    if index % 4 == 0:
+        extra["loadBalancerSourceRanges"] = ["192.0.2.0/24", "198.51.100.0/24"]
+    return k8s.service(
+        f"svc-{index}",
+        type_="LoadBalancer",
+        cluster_ips=str(FIRST_CLUSTER_IP + index),
+        ports=[k8s.port("http", SERVICE_PORT, target_port=TARGET_PORT, node_port=node_port)],
+        external_ips=[str(FIRST_EXTERNAL_IP + index)],
+        lb_ips=[str(FIRST_LB_IP + index)],
+        external_policy="Local" if index % 2 else "Cluster",
+        spec_extra=extra,
+    )
+
+
+def datapath_cluster(size: int, endpoints: int) -> ChangeTracker:
+    tracker = ChangeTracker()
+    for index in range(size):
+        tracker.upsert_service(datapath_service(index))
+        tracker.upsert_slice(slice_object(index, endpoints))
+    tracker.mark_listed("services")
+    tracker.mark_listed("endpointslices")
+    return tracker
+
+
+def iptables_rules() -> int:
+    """Rules (``-A`` lines) of every table of both families: aproxy's and the jumps into its chains."""
+    saved = netlab.run("iptables-save") + netlab.run("ip6tables-save")
+    return sum(1 for line in saved.splitlines() if line.startswith("-A ") and "APROXY" in line)
+
+
+def set_members() -> int:
+    return sum(1 for line in netlab.run("ipset", "save").splitlines() if line.startswith("add APROXY"))
+
+
+def guest_datapath() -> None:
+    """The data-path measurement (pytest's only item in the guest with ``datapath``)."""
+    if not netlab.in_guest():
+        raise NotInGuest(f"run it from the host: {COMMAND} datapath")
+    figures = asyncio.run(measure_datapath())
+    run_dir = Path(os.environ["APROXY_GUEST_RUN_DIR"])
+    (run_dir / DATAPATH_FILE).write_text(json.dumps(figures))
+
+
+async def measure_datapath() -> dict[str, Any]:
+    figures: dict[str, Any] = {"kernel": os.uname().release, "rules": {}}
+    for size in DATAPATH_SIZES:
+        reload_ipvs()
+        with tempfile.TemporaryDirectory() as scratch:
+            async with IPVSBackend(IPVSSettings(state_file=Path(scratch) / "owned.json")) as backend:
+                syncer = Syncer(datapath_cluster(size, 1), CTX, backend)
+                started = time.perf_counter()
+                if not (await syncer.start()).ok:
+                    raise WrongTable(f"start at {size} services refused operations")
+                figures["rules"][size] = {
+                    "rules": iptables_rules(),
+                    "members": set_members(),
+                    "start_seconds": time.perf_counter() - started,
+                }
+                await backend.cleanup()
+    reload_ipvs()
+    with tempfile.TemporaryDirectory() as scratch:
+        async with IPVSBackend(IPVSSettings(state_file=Path(scratch) / "owned.json")) as backend:
+            tracker = datapath_cluster(SERVICES, ENDPOINTS)
+            syncer = Syncer(tracker, CTX, backend)
+            await syncer.start()
+            figures["change"] = await _datapath_change(tracker, syncer, backend)
+            await backend.cleanup()
+    return figures
+
+
+def _datapath_counters(backend: IPVSBackend, masquerade: Masquerade) -> tuple[int, int, int, int]:
+    """IPVS requests, ipset batches, set members written, processes started: so far."""
+    return (
+        backend.netlink_messages_sent,
+        masquerade.set_writes,
+        masquerade.entries_written,
+        masquerade.commands_run,
+    )
+
+
+async def _datapath_change(tracker: ChangeTracker, syncer: Syncer, backend: IPVSBackend) -> dict[str, Any]:
+    """An endpoint added to a Local service (its 3 external virtual servers and cluster IP each gain a real
+    server), CHANGES times; then one service's node port moved."""
+    masquerade = backend.masquerade
+    assert masquerade is not None
+    index = SERVICES // 2 + 1
+    seconds: list[float] = []
+    costs = set()
+    for number in range(CHANGES):
+        tracker.upsert_slice(slice_object(index, ENDPOINTS + number + 1))
+        before = _datapath_counters(backend, masquerade)
+        started = time.perf_counter()
+        report = await syncer.sync()
+        seconds.append(time.perf_counter() - started)
+        if not report.ok:
+            raise WrongTable(f"endpoint change refused: {report.failures}")
+        after = _datapath_counters(backend, masquerade)
+        costs.add((len(report.results), *(b - a for a, b in zip(before, after, strict=True))))
+    if len(costs) != 1:
+        raise WrongTable(f"endpoint changes cost differently: {costs}")
+    ((operations, messages, set_batches, members, processes),) = costs
+    moved = dict(datapath_service(index))
+    moved["spec"] = {
+        **moved["spec"],
+        "ports": [k8s.port("http", SERVICE_PORT, target_port=TARGET_PORT, node_port=32767)],
+    }
+    tracker.upsert_service(moved)
+    entries, commands = masquerade.entries_written, masquerade.commands_run
+    started = time.perf_counter()
+    report = await syncer.sync()
+    service_seconds = time.perf_counter() - started
+    return {
+        "operations": operations,
+        "messages": messages,
+        "set_batches": set_batches,
+        "members": members,
+        "commands": processes,
+        "median_seconds": statistics.median(seconds),
+        "service_operations": len(report.results),
+        "service_members": masquerade.entries_written - entries,
+        "service_commands": masquerade.commands_run - commands,
+        "service_seconds": service_seconds,
+    }
+
+
+def render_datapath(data: dict[str, Any]) -> str:
+    change = data["change"]
+    rules = {int(size): figure for size, figure in data["rules"].items()}
+    rows = [
+        (
+            f"one endpoint change at {SERVICES:,} services, masquerade, ranges, filter (`Syncer.sync`)",
+            f"{change['operations']} IPVS operations in {change['messages']} requests, "
+            f"{change['set_batches']} ipset batch of {change['members']} members, "
+            f"{change['commands']} processes, "
+            f"{change['median_seconds'] * 1000:.1f} ms (median of {CHANGES})",
+        ),
+        (
+            "one service change at the same size (its node port moved)",
+            f"{change['service_operations']} IPVS operations, {change['service_members']} set members, "
+            f"{change['service_commands']} processes, {change['service_seconds'] * 1000:.1f} ms",
+        ),
+        *(
+            (
+                f"iptables rules (both families, all tables) / set members at {size:,} services",
+                f"{figure['rules']} rules / {figure['members']:,} members (`Syncer.start`: "
+                f"{figure['start_seconds']:.2f} s)",
+            )
+            for size, figure in sorted(rules.items())
+        ),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(
+        [
+            f"aproxy data-path benchmark: user-mode Linux {data['kernel']} guest figures",
+            f"reproduce: {COMMAND} datapath",
+            "",
+            f"| {'figure'.ljust(width)} | value |",
+            f"|{'-' * (width + 2)}|-------|",
+            *(f"| {name.ljust(width)} | {value} |" for name, value in rows),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from errno import EADDRNOTAVAIL, EEXIST, ENOENT, ESRCH
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from aproxy.core.datapath import SetDelta, SetEntry
 from aproxy.core.model import IPAddress, Operation, RealServerKey, VirtualServerKey
 from aproxy.core.state import IPVSState
 
@@ -95,3 +96,14 @@ class Backend(Protocol):
     async def connections(self, key: VirtualServerKey) -> Mapping[RealServerKey, RealServerConnections]:
         """The connection counts of the real servers of one owned virtual server (empty if it is gone)."""
         ...
+
+
+@runtime_checkable
+class ServiceSets(Protocol):
+    """A backend that also keeps the per-purpose service sets (core/datapath.py): the sync loop hands it each
+    pass's change, and the whole membership at start-up and at every audit. Failures are the backend's to
+    log; the next audit repairs them."""
+
+    async def update_services(self, delta: SetDelta) -> None: ...
+
+    async def resync_services(self, entries: frozenset[SetEntry]) -> None: ...

@@ -54,6 +54,7 @@ DATA_IP = 1
 DATA_PORT = 4
 DATA_PROTO = 7
 DATA_IP2 = 20
+DATA_CIDR2 = 21
 
 IPADDR_IPV4 = 1
 IPADDR_IPV6 = 2
@@ -87,17 +88,34 @@ class ProtocolMismatch(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Member:
-    """One ``hash:ip,port,ip`` member: address, protocol (IP protocol number) and port, second address."""
+    """One set member: what its set's type has of address, protocol (IP protocol number) and port, second
+    address or network (``address2``/``cidr2``). ``hash:ip,port,ip`` has all but ``cidr2``; ``hash:ip,port``
+    the first three; ``hash:ip,port,net`` adds ``cidr2``; ``hash:ip`` only the address; ``bitmap:port`` only
+    the port (None: absent from the request)."""
 
     set_name: str
-    address: IPAddress
-    protocol: int
-    port: int
-    address2: IPAddress
+    address: IPAddress | None
+    protocol: int | None
+    port: int | None
+    address2: IPAddress | None = None
+    cidr2: int | None = None
 
     @property
     def family(self) -> int:
-        return socket.AF_INET if self.address.version == 4 else socket.AF_INET6
+        # A bitmap:port set has no family: the kernel takes any in the request; IPv4 is as good as another.
+        return socket.AF_INET6 if self.address is not None and self.address.version == 6 else socket.AF_INET
+
+
+def member_text(member: Member) -> str:
+    """The member as ``ipset`` prints it: ``address,proto:port,address2[/cidr2]``, parts it lacks left out."""
+    parts = [] if member.address is None else [str(member.address)]
+    if member.port is not None:
+        names = {6: "tcp", 17: "udp", 132: "sctp"}
+        port = str(member.port) if member.protocol is None else f"{names.get(member.protocol)}:{member.port}"
+        parts.append(port)
+    if member.address2 is not None:
+        parts.append(str(member.address2) if member.cidr2 is None else f"{member.address2}/{member.cidr2}")
+    return ",".join(parts)
 
 
 def message_type(command: int) -> int:
@@ -111,14 +129,18 @@ def _address(kind: int, address: IPAddress) -> bytes:
 
 def member_attrs(member: Member, protocol_version: int) -> bytes:
     """The attributes of an add or delete of ``member``: protocol, set name, then the nested data."""
-    data = b"".join(
-        (
-            _address(DATA_IP, member.address),
-            attribute(DATA_PORT | NLA_F_NET_BYTEORDER, _BE16.pack(member.port)),
-            attribute(DATA_PROTO | NLA_F_NET_BYTEORDER, _U8.pack(member.protocol)),
-            _address(DATA_IP2, member.address2),
-        )
-    )
+    parts = []
+    if member.address is not None:
+        parts.append(_address(DATA_IP, member.address))
+    if member.port is not None:
+        parts.append(attribute(DATA_PORT | NLA_F_NET_BYTEORDER, _BE16.pack(member.port)))
+    if member.protocol is not None:
+        parts.append(attribute(DATA_PROTO | NLA_F_NET_BYTEORDER, _U8.pack(member.protocol)))
+    if member.address2 is not None:
+        parts.append(_address(DATA_IP2, member.address2))
+    if member.cidr2 is not None:
+        parts.append(attribute(DATA_CIDR2, _U8.pack(member.cidr2)))
+    data = b"".join(parts)
     return b"".join(
         (
             attribute(ATTR_PROTOCOL, _U8.pack(protocol_version)),

@@ -43,6 +43,7 @@ from aproxy.backends.netlink_socket import BatchLimits
 from aproxy.backends.ownership import OwnershipRecord
 from aproxy.backends.pyroute2_thread import NetlinkThread
 from aproxy.backends.sysctl import apply_sysctls, wanted_sysctls
+from aproxy.core.datapath import SetDelta, SetEntry
 from aproxy.core.model import (
     AddRealServer,
     AddVirtualServer,
@@ -57,6 +58,7 @@ from aproxy.core.model import (
     VirtualServerSpec,
     virtual_server_of,
 )
+from aproxy.core.node_addresses import NodePortAddresses
 from aproxy.core.state import IPVSState
 
 log = logging.getLogger(__name__)
@@ -115,9 +117,12 @@ class IPVSSettings:
     cluster_cidrs: tuple[str, ...] = ()
     # Set when the backend opens (kube-proxy's --ipvs-tcp-timeout and friends); zeros change nothing.
     timeouts: IPVSTimeouts = field(default_factory=IPVSTimeouts)
+    # --nodeport-addresses: CIDRs, ("primary",), or () for every local address (core/node_addresses.py).
+    nodeport_addresses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_device_name(self.device)
+        NodePortAddresses.parse(self.nodeport_addresses)  # ValueError now, not at start-up
 
     @property
     def batch_limits(self) -> BatchLimits:
@@ -149,27 +154,34 @@ class IPVSBackend:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def open(self) -> None:
+    async def open(self, *, prepare: bool = True) -> None:
         """Open the sockets, the device and the node's surroundings. Whatever fails (IPVSUnavailable,
         SysctlError, MasqueradeError, ValueError for a bad cluster CIDR, OSError), what was opened before it,
-        the netlink thread included, is closed again before the error goes on."""
+        the netlink thread included, is closed again before the error goes on.
+
+        ``prepare=False`` (what ``cleanup`` needs) changes nothing on the node: an existing device is used
+        but none is created, and no sysctl, chain or set is written."""
         self._netlink = NetlinkThread()
         try:
-            await self._open(self._netlink)
+            await self._open(self._netlink, prepare)
         except Exception:
             await self.close()
             raise
 
-    async def _open(self, netlink: NetlinkThread) -> None:
+    async def _open(self, netlink: NetlinkThread, prepare: bool) -> None:
         ipvs, self._ipr = await netlink.run(_open_pyroute2())
         self._ipvs = ipvs
         self._batch = IPVSSocket(ipvs.prid, self.settings.batch_limits)
         self._addresses = AddressSocket(self.settings.batch_limits)
         self._record = OwnershipRecord(self.settings.state_file)
         self._record.load()
-        self._device_index = await self._ensure_device()
-        self._bound = await self._device_addresses()
-        await self._prepare_node()
+        if prepare:
+            self._device_index = await self._ensure_device()
+        else:
+            self._device_index = await self._find_device()
+        self._bound = await self._device_addresses() if self._device_index is not None else set()
+        if prepare:
+            await self._prepare_node()
 
     async def _prepare_node(self) -> None:
         """What IPVS needs around it: sysctls, source NAT chains and sets, the conntrack cleaner."""
@@ -301,6 +313,24 @@ class IPVSBackend:
                 state.replace_virtual(key, spec, reals)
         return state
 
+    # --- the ServiceSets Protocol (base.py): the service sets around IPVS -----------------------------------
+
+    async def update_services(self, delta: SetDelta) -> None:
+        if self._masquerade is not None:
+            await self._sets("update", self._masquerade.update_services(delta))
+
+    async def resync_services(self, entries: frozenset[SetEntry]) -> None:
+        if self._masquerade is not None:
+            await self._sets("repair", self._masquerade.resync_services(entries))
+
+    @staticmethod
+    async def _sets(what: str, change: Coroutine[Any, Any, object]) -> None:
+        try:
+            await change
+        except MasqueradeError as exc:
+            # The IPVS changes stand; the next audit's resync repairs the sets.
+            log.error(f"service set {what} failed", extra={"error": str(exc)})
+
     # --- beyond the Protocol: what the drain and cleanup need -----------------------------------------------
 
     async def connections(self, key: VirtualServerKey) -> dict[RealServerKey, RealServerConnections]:
@@ -310,8 +340,9 @@ class IPVSBackend:
         """Remove every owned virtual server, every bound address and the device; return how many removed."""
         owned = [key for key, _spec in await self._dump_services() if self._owns(key)]
         results = await self._apply_ipvs([DeleteVirtualServer(key) for key in owned])
-        assert self._ipr is not None and self._device_index is not None
-        await self._nl(self._ipr.link("del", index=self._device_index))
+        assert self._ipr is not None
+        if self._device_index is not None:
+            await self._nl(self._ipr.link("del", index=self._device_index))
         self._device_index = None
         self._bound.clear()
         assert self._record is not None
@@ -403,7 +434,14 @@ class IPVSBackend:
                 self._bound.add(op.address)
             else:
                 self._bound.discard(op.address)
-        return [_result(op, code) for op, code in zip(ops, codes, strict=True)]
+        results = [_result(op, code) for op, code in zip(ops, codes, strict=True)]
+        await self._after_batch(results)  # the service-IP filter's set follows the device's addresses
+        return results
+
+    async def _find_device(self) -> int | None:
+        assert self._ipr is not None
+        indexes = await self._nl(self._ipr.link_lookup(ifname=self.settings.device))
+        return int(indexes[0]) if indexes else None
 
     async def _ensure_device(self) -> int:
         assert self._ipr is not None

@@ -1,37 +1,50 @@
-"""Source NAT where IPVS needs it, with iptables and one ipset per family, as kube-proxy's IPVS mode does.
+"""Source NAT, load-balancer source ranges and the service-IP filter: iptables around IPVS, kube-proxy's way.
 
-IPVS (NAT forwarding) rewrites only the destination. Three kinds of traffic then need their source rewritten
-too (masqueraded to the node's address on the outgoing interface), or the answer never finds its way back:
+IPVS (NAT forwarding) rewrites only the destination. Traffic then needs its source rewritten too (masqueraded
+to the node's address on the outgoing interface), or the answer never finds its way back, when:
 
-- the node itself talking to a virtual IP: its source is a local address (often the virtual IP itself,
-  picked because it is bound on kube-ipvs0), which a pod on another node would answer to itself;
-- hairpin: a pod reaching itself through its service; without masquerade it answers itself directly and
-  drops the reply as unexpected;
+- it arrives from outside the node for a NodePort, external IP or load-balancer IP of a service with
+  ``externalTrafficPolicy: Cluster``: a pod on another node would answer the client directly, from an
+  address the client never talked to (policy ``Local`` is exempt: its pods are on this node and see the
+  client's address);
+- the node itself talks to a virtual IP: its source is a local address (often the virtual IP itself);
+- hairpin: a pod reaching itself through its service;
 - optionally all IPVS traffic (``masquerade_all``), or IPVS traffic from outside the pod network
   (``cluster_cidrs``, kube-proxy's ``--cluster-cidr``).
 
-Everything lives in aproxy's own objects: the nat chain ``APROXY-POSTROUTING`` (per family), jumped to from
-POSTROUTING by one rule added only when missing, and the sets ``APROXY-LOOP-BACK`` (IPv4) and
-``APROXY-LOOP-BACK6`` (IPv6). Only those are ever created, rewritten or removed; other chains are never
-flushed or rewritten (``iptables-restore --noflush`` declaring only aproxy's chain). Plain ``iptables`` /
+Everything lives in aproxy's own objects, per family, hooked by one rule each (added only when missing,
+first in its chain): nat ``APROXY-SERVICES`` (from PREROUTING) marks external traffic for masquerading,
+nat ``APROXY-POSTROUTING`` (from POSTROUTING) masquerades, filter ``APROXY-INPUT`` (from INPUT, which runs
+before IPVS) drops load-balancer traffic from outside ``loadBalancerSourceRanges`` and rejects new
+connections to a dummy-device address on a port none of its services has (kube-proxy's KUBE-IPVS-FILTER,
+kubernetes#72236: a host sshd must not answer on every cluster IP). Only those are ever created, rewritten
+or removed (``iptables-restore --noflush`` declaring only aproxy's chains). Plain ``iptables`` /
 ``ip6tables`` from PATH are called, so both the nft and the legacy variants work.
 
-The chain (IPv4; IPv6 the same with its own set), a fixed handful of rules whatever the cluster's size::
+The rules match sets, one per purpose (service_sets.py; core/datapath.py decides their members from the
+services), so their number is a constant whatever the cluster's size (IPv4; IPv6 the same with its sets)::
 
-    -A APROXY-POSTROUTING -m ipvs --vdir ORIGINAL --vmethod MASQ -m addrtype --src-type LOCAL -j MASQUERADE
-    -A APROXY-POSTROUTING -m ipvs --vdir ORIGINAL --vmethod MASQ \
-        -m set --match-set APROXY-LOOP-BACK dst,dst,src -j MASQUERADE
-    # cluster_cidrs, after those two:
-    #   -A APROXY-POSTROUTING -s <cidr> -j RETURN   (one per CIDR of the family)
-    #   -A APROXY-POSTROUTING -m ipvs --vdir ORIGINAL --vmethod MASQ -j MASQUERADE
-    # masquerade_all, instead of all the above:
-    #   -A APROXY-POSTROUTING -m ipvs --vdir ORIGINAL --vmethod MASQ -j MASQUERADE
+    nat APROXY-SERVICES:  cluster IP -> RETURN; LB-LOCAL -> RETURN; LB -> mark; EXTERNAL-IP-LOCAL -> RETURN;
+                          EXTERNAL-IP -> mark; local address and NODE-PORT-LOCAL-<proto> -> RETURN;
+                          local address and NODE-PORT-<proto> -> mark       (mark: APROXY-MARK-MASQ, 0x4000)
+    nat APROXY-POSTROUTING:
+        -m mark --mark 0x4000/0x4000 -j APROXY-MASQ      (clear the mark, MASQUERADE --random-fully)
+        -m ipvs --vdir ORIGINAL --vmethod MASQ -m addrtype --src-type LOCAL -j MASQUERADE
+        -m ipvs --vdir ORIGINAL --vmethod MASQ -m set --match-set APROXY-LOOP-BACK dst,dst,src -j MASQUERADE
+        # cluster_cidrs, after those:
+        #   -s <cidr> -j RETURN   (one per CIDR of the family)
+        #   -m ipvs --vdir ORIGINAL --vmethod MASQ -j MASQUERADE
+        # masquerade_all, instead of the node and hairpin rules:
+        #   -m ipvs --vdir ORIGINAL --vmethod MASQ -j MASQUERADE
+    filter APROXY-INPUT:  LB-FW and source not in LB-SRC -> DROP; CLUSTER-IP, EXTERNAL-IP, LB and
+                          HEALTH-CHECK-TCP -> RETURN; NEW to an address in IPVS-IPS -> REJECT
 
-``-m ipvs`` matches only packets IPVS has forwarded (in POSTROUTING their destination is already the real
-server), and ``--vmethod MASQ`` only NAT forwarding: direct-routing traffic must keep its source. This needs
-``net/ipv4/vs/conntrack=1`` (see sysctl.py), without which IPVS traffic bypasses the nat table. The match
-cannot tell whose virtual server forwarded a packet: node, cluster-CIDR and masquerade-all rules also apply
-to a foreign NAT virtual server's traffic (the hairpin set holds only aproxy's real servers).
+The mark is set in PREROUTING, while the destination is still the virtual IP, and read in POSTROUTING,
+after IPVS chose a real server. ``-m ipvs`` matches only packets IPVS has forwarded, and ``--vmethod MASQ``
+only NAT forwarding: direct-routing traffic must keep its source. All of it needs ``net/ipv4/vs/conntrack=1``
+(see sysctl.py), without which IPVS traffic bypasses the nat table. The ipvs match cannot tell whose
+virtual server forwarded a packet: node, cluster-CIDR and masquerade-all rules also apply to a foreign NAT
+virtual server's traffic (the sets hold only aproxy's services and real servers).
 
 Hairpin detection is kube-proxy's: a ``hash:ip,port,ip`` set of (real server, protocol:port, real server)
 entries matched as ``dst,dst,src``: a packet going to a real server *from that same address*. Its entries
@@ -41,8 +54,9 @@ process: that cost ~80 ms per endpoint change and ~0.4 ms per member. A member t
 and left to the next audit. An entry is refcounted over the virtual servers that have that real
 server (a pod behind a ClusterIP and a NodePort stays until its last virtual server lets it go).
 ``resync`` rebuilds the membership from a kernel dump (start-up and audit), writing only the differences.
-Rare operations (creating, reading and destroying the sets, the iptables rules) still run the commands
-(command.py).
+The dummy-device set (``APROXY-IPVS-IPS``) follows the binds and unbinds the same way; the service sets
+follow what the sync loop hands over (``update_services``, ``resync_services``). Rare operations (creating,
+reading and destroying the sets, the iptables rules) still run the commands (command.py).
 """
 
 from __future__ import annotations
@@ -55,18 +69,21 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 
-from aproxy.backends import ipset_wire
+from aproxy.backends import ipset_wire, service_sets
 from aproxy.backends.base import OperationResult
 from aproxy.backends.command import COMMAND_TIMEOUT, CommandResult, run_command, succeeds
-from aproxy.backends.ipset_socket import IPSetSocket
 from aproxy.backends.ipvs_wire import PROTOCOL_NUMBERS
+from aproxy.backends.service_sets import SetWriteError, SetWriter
+from aproxy.core.datapath import NODE_PORT_PROTOCOLS, SetDelta, SetEntry, SetKind
 from aproxy.core.model import (
     AddRealServer,
+    BindAddress,
     DeleteRealServer,
     DeleteVirtualServer,
     IPAddress,
     L4Protocol,
     RealServerKey,
+    UnbindAddress,
     VirtualServerKey,
 )
 from aproxy.core.state import IPVSState
@@ -74,12 +91,19 @@ from aproxy.core.state import IPVSState
 log = logging.getLogger(__name__)
 
 CHAIN = "APROXY-POSTROUTING"
+SERVICES_CHAIN = "APROXY-SERVICES"
+MARK_CHAIN = "APROXY-MARK-MASQ"
+MASQ_CHAIN = "APROXY-MASQ"
+FILTER_CHAIN = "APROXY-INPUT"
+NAT_CHAINS = (CHAIN, SERVICES_CHAIN, MARK_CHAIN, MASQ_CHAIN)
+# kube-proxy's masquerade bit (--iptables-masquerade-bit 14): traffic marked in PREROUTING is masqueraded
+# in POSTROUTING, after IPVS chose its real server.
+MASQ_MARK = "0x4000"
 SET_NAMES = {4: "APROXY-LOOP-BACK", 6: "APROXY-LOOP-BACK6"}
 JUMP_COMMENT = "aproxy: source NAT for IPVS traffic"
 IPV6_PROC = Path("/proc/net/if_inet6")
+IP_SET_MODULE = Path("/sys/module/ip_set")
 IPVS_NAT = ("-m", "ipvs", "--vdir", "ORIGINAL", "--vmethod", "MASQ")
-# Failed members logged one by one per write; past that, only counted (a missing set fails them all).
-LOGGED_FAILURES = 10
 # ipset: 'add APROXY-LOOP-BACK 10.244.1.5,tcp:8080,10.244.1.5' as `ipset save` prints members.
 _SAVED_MEMBER = re.compile(r"^add (\S+) ([0-9a-fA-F.:]+),(tcp|udp|sctp):(\d+),([0-9a-fA-F.:]+)$")
 
@@ -121,10 +145,11 @@ class MasqueradeSettings:
 
 
 def chain_rules(family: Family, settings: MasqueradeSettings) -> list[list[str]]:
-    """The rules of aproxy's nat chain for one family, as argument lists."""
+    """The rules of aproxy's nat POSTROUTING chain for one family, as argument lists."""
+    rules = [["-m", "mark", "--mark", f"{MASQ_MARK}/{MASQ_MARK}", *_comment("marked"), "-j", MASQ_CHAIN]]
     if settings.masquerade_all:
-        return [[*IPVS_NAT, *_comment("masquerade all"), "-j", "MASQUERADE"]]
-    rules = [
+        return [*rules, [*IPVS_NAT, *_comment("masquerade all"), "-j", "MASQUERADE"]]
+    rules += [
         [*IPVS_NAT, "-m", "addrtype", "--src-type", "LOCAL", *_comment("from the node"), "-j", "MASQUERADE"],
         [
             *IPVS_NAT,
@@ -140,6 +165,55 @@ def chain_rules(family: Family, settings: MasqueradeSettings) -> list[list[str]]
     return rules
 
 
+def _match(kind: SetKind, family: Family, directions: str, protocol: L4Protocol | None = None) -> list[str]:
+    return ["-m", "set", "--match-set", service_sets.set_name(kind, family.version, protocol), directions]
+
+
+def services_rules(family: Family) -> list[list[str]]:
+    """nat APROXY-SERVICES (from PREROUTING): mark what arrives for external, LB and node-port virtual
+    servers of policy Cluster; Local ones (and cluster IPs) keep their source."""
+    mark = ["-j", MARK_CHAIN]
+    rules = [
+        [*_match(SetKind.CLUSTER_IP, family, "dst,dst"), "-j", "RETURN"],
+        [*_match(SetKind.LOAD_BALANCER_LOCAL, family, "dst,dst"), "-j", "RETURN"],
+        [*_match(SetKind.LOAD_BALANCER, family, "dst,dst"), *_comment("load balancer"), *mark],
+        [*_match(SetKind.EXTERNAL_IP_LOCAL, family, "dst,dst"), "-j", "RETURN"],
+        [*_match(SetKind.EXTERNAL_IP, family, "dst,dst"), *_comment("external IP"), *mark],
+    ]
+    for protocol in NODE_PORT_PROTOCOLS:
+        local = ["-p", protocol.value.lower(), "-m", "addrtype", "--dst-type", "LOCAL"]
+        rules.append([*local, *_match(SetKind.NODE_PORT_LOCAL, family, "dst", protocol), "-j", "RETURN"])
+        rules.append(
+            [*local, *_match(SetKind.NODE_PORT, family, "dst", protocol), *_comment("node port"), *mark]
+        )
+    return rules
+
+
+def input_rules(family: Family) -> list[list[str]]:
+    """filter APROXY-INPUT (from INPUT, before IPVS sees the packet): load-balancer source ranges, then the
+    service-IP filter (kube-proxy's KUBE-IPVS-FILTER, kubernetes#72236): a new connection to an address on
+    the dummy device is rejected unless it is for one of the services on it."""
+    source = service_sets.set_name(SetKind.LOAD_BALANCER_SOURCE, family.version)
+    return [
+        [
+            *_match(SetKind.LOAD_BALANCER_FW, family, "dst,dst"),
+            *("-m", "set", "!", "--match-set", source, "dst,dst,src"),
+            *_comment("outside loadBalancerSourceRanges"),
+            *("-j", "DROP"),
+        ],
+        [*_match(SetKind.CLUSTER_IP, family, "dst,dst"), "-j", "RETURN"],
+        [*_match(SetKind.EXTERNAL_IP, family, "dst,dst"), "-j", "RETURN"],
+        [*_match(SetKind.LOAD_BALANCER, family, "dst,dst"), "-j", "RETURN"],
+        ["-p", "tcp", *_match(SetKind.HEALTH_CHECK_NODE_PORT, family, "dst", L4Protocol.TCP), "-j", "RETURN"],
+        [
+            *("-m", "conntrack", "--ctstate", "NEW"),
+            *_match(SetKind.IPVS_IP, family, "dst"),
+            *_comment("not a service port"),
+            *("-j", "REJECT"),
+        ],
+    ]
+
+
 def _comment(text: str) -> tuple[str, ...]:
     return ("-m", "comment", "--comment", text)
 
@@ -148,20 +222,58 @@ def _quote(argument: str) -> str:
     return f'"{argument}"' if " " in argument else argument
 
 
+def _lines(chain: str, rules: list[list[str]]) -> list[str]:
+    return [" ".join(["-A", chain, *map(_quote, rule)]) for rule in rules]
+
+
 def restore_text(family: Family, settings: MasqueradeSettings) -> str:
-    """``iptables-restore --noflush`` input that (re)writes aproxy's chain and nothing else."""
-    lines = ["*nat", f":{CHAIN} - [0:0]"]
-    lines += [" ".join(["-A", CHAIN, *map(_quote, rule)]) for rule in chain_rules(family, settings)]
-    lines.append("COMMIT")
+    """``iptables-restore --noflush`` input that (re)writes aproxy's chains and nothing else."""
+    lines = ["*nat", *(f":{chain} - [0:0]" for chain in NAT_CHAINS)]
+    lines += _lines(CHAIN, chain_rules(family, settings))
+    lines += _lines(SERVICES_CHAIN, services_rules(family))
+    lines += _lines(MARK_CHAIN, [["-j", "MARK", "--or-mark", MASQ_MARK]])
+    lines += _lines(
+        MASQ_CHAIN, [["-j", "MARK", "--xor-mark", MASQ_MARK], ["-j", "MASQUERADE", "--random-fully"]]
+    )
+    lines += [
+        "COMMIT",
+        "*filter",
+        f":{FILTER_CHAIN} - [0:0]",
+        *_lines(FILTER_CHAIN, input_rules(family)),
+        "COMMIT",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def removal_text() -> str:
-    """``iptables-restore --noflush`` input that empties and deletes aproxy's chain (unhooked first)."""
-    return f"*nat\n:{CHAIN} - [0:0]\n-X {CHAIN}\nCOMMIT\n"
+    """``iptables-restore --noflush`` input that empties and deletes aproxy's chains (unhooked first)."""
+    nat = [f":{chain} - [0:0]" for chain in NAT_CHAINS] + [f"-X {chain}" for chain in NAT_CHAINS]
+    return (
+        "\n".join(
+            ["*nat", *nat, "COMMIT", "*filter", f":{FILTER_CHAIN} - [0:0]", f"-X {FILTER_CHAIN}", "COMMIT"]
+        )
+        + "\n"
+    )
 
 
-JUMP_RULE = ("POSTROUTING", "-m", "comment", "--comment", JUMP_COMMENT, "-j", CHAIN)
+@dataclass(frozen=True, slots=True)
+class Jump:
+    """A rule in a built-in chain that sends traffic into one of aproxy's chains."""
+
+    table: str
+    chain: str
+    target: str
+
+    def rule(self) -> tuple[str, ...]:
+        return (self.chain, "-m", "comment", "--comment", JUMP_COMMENT, "-j", self.target)
+
+
+JUMPS = (
+    Jump("nat", "POSTROUTING", CHAIN),
+    Jump("nat", "PREROUTING", SERVICES_CHAIN),
+    Jump("filter", "INPUT", FILTER_CHAIN),
+)
+JUMP_RULE = JUMPS[0].rule()
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,7 +405,7 @@ class LoopBackMembers:
 
 
 class Masquerade:
-    """aproxy's source-NAT chains and hairpin sets on this node (see the module docstring)."""
+    """aproxy's chains and sets on this node (see the module docstring)."""
 
     def __init__(self, settings: MasqueradeSettings | None = None) -> None:
         self.settings = settings or MasqueradeSettings()
@@ -301,109 +413,148 @@ class Masquerade:
             self.settings.networks(version)  # a bad CIDR fails here, at start-up, not at the first sync
         self.families = available_families()
         self._members = LoopBackMembers()
-        # Netlink batches (one sendmsg each) that changed members, how many members they carried, how many
-        # the kernel refused, and the commands run: tests assert a sync writes only changes, with no process.
-        self.set_writes = 0
-        self.entries_written = 0
-        self.entries_failed = 0
-        self.commands_run = 0
-        self._socket = IPSetSocket()  # opened at the first write, kept until close() or a socket error
+        self._bound: set[IPAddress] = set()  # the IPVS_IP set's members: the dummy device's addresses
+        self._writer = SetWriter()  # its socket is opened at the first write, kept until close()
+        self.commands_run = 0  # tests assert a sync writes only changes, with no process started
+
+    # Netlink batches (one sendmsg each) that changed members, how many members they carried, how many the
+    # kernel refused.
+    @property
+    def set_writes(self) -> int:
+        return self._writer.batches
+
+    @property
+    def entries_written(self) -> int:
+        return self._writer.entries_written
+
+    @property
+    def entries_failed(self) -> int:
+        return self._writer.entries_failed
 
     def close(self) -> None:
         """Close the netlink socket (the kernel objects stay: ``cleanup`` removes those)."""
-        self._socket.close()
+        self._writer.close()
 
     @property
     def entries(self) -> frozenset[LoopBackEntry]:
         return self._members.entries()
 
+    def _set_definitions(self) -> tuple[service_sets.SetDefinition, ...]:
+        return service_sets.definitions(self._versions())
+
     async def ensure(self) -> None:
         """Create or repair the sets, chains and jumps (idempotent: the audit calls it again)."""
-        await self._must("ipset", "restore", stdin=create_sets_text(self.families))
+        sets = create_sets_text(self.families) + service_sets.create_text(self._set_definitions())
+        await self._must("ipset", "restore", stdin=sets)
         for family in self.families:
             await self._must(family.restore, "-w", "--noflush", stdin=restore_text(family, self.settings))
-            if not await self._succeeds(family.iptables, "-w", "-t", "nat", "-C", *JUMP_RULE):
-                # Inserted first, so that no RETURN another tool put in POSTROUTING hides our chain.
-                await self._must(family.iptables, "-w", "-t", "nat", "-I", "POSTROUTING", "1", *JUMP_RULE[1:])
-                log.info("hooked source NAT chain", extra={"command": family.iptables, "chain": CHAIN})
+            for jump in JUMPS:
+                rule = jump.rule()
+                if not await self._succeeds(family.iptables, "-w", "-t", jump.table, "-C", *rule):
+                    # Inserted first, so that no RETURN or ACCEPT another tool put there hides our chain.
+                    await self._must(
+                        family.iptables, "-w", "-t", jump.table, "-I", jump.chain, "1", *rule[1:]
+                    )
+                    log.info("hooked chain", extra={"command": family.iptables, "chain": jump.target})
 
     async def observe(self, results: Sequence[OperationResult]) -> None:
-        """Update the hairpin sets after a batch: one netlink batch of what appeared or disappeared."""
+        """Update the hairpin and dummy-device sets after a batch: one netlink batch of what changed."""
         delta = self._members.observe(results)
-        if delta:
-            await self._write(delta)
+        bound = self._follow_binds(results)
+        requests = self._loop_back_requests(delta) + service_sets.requests(bound, self._versions())
+        await self._send(requests)
+
+    async def update_services(self, delta: SetDelta) -> None:
+        """Write one sync's change of the service sets (core/datapath.py decided it)."""
+        await self._send(service_sets.requests(delta, self._versions()))
 
     async def resync(self, state: IPVSState) -> Delta:
-        """Make the hairpin sets match a kernel dump, writing only the differences (start-up, audit)."""
+        """Make the hairpin and dummy-device sets match a kernel dump, writing only the differences (start-up,
+        audit); returns the hairpin part."""
         self._members.replace(state)
-        present: set[LoopBackEntry] = set()
-        for family in self.families:
-            present |= parse_saved_members((await self._must("ipset", "save", family.set_name)).stdout)
+        self._bound = set(state.addresses())
+        saved = (await self._must("ipset", "save")).stdout
+        present = parse_saved_members(saved)
         wanted = {entry for entry in self._members.entries() if entry.address.version in self._versions()}
         delta = Delta(tuple(wanted - present), tuple(present - wanted))
-        if delta:
+        addresses = {SetEntry(SetKind.IPVS_IP, address) for address in self._bound}
+        bound = self._difference(saved, {SetKind.IPVS_IP}, addresses)
+        if delta or bound:
             log.info("hairpin set repaired", extra={"added": len(delta.added), "removed": len(delta.removed)})
-            await self._write(delta)
+            await self._send(self._loop_back_requests(delta) + service_sets.requests(bound, self._versions()))
         return delta
+
+    async def resync_services(self, entries: frozenset[SetEntry]) -> SetDelta:
+        """Make the service sets hold exactly ``entries`` (start-up, audit), writing only the differences."""
+        saved = (await self._must("ipset", "save")).stdout
+        kinds: set[SetKind] = {kind for kind in SetKind if kind is not SetKind.IPVS_IP}
+        delta = self._difference(saved, kinds, entries)
+        if delta:
+            log.info(
+                "service sets repaired", extra={"added": len(delta.added), "removed": len(delta.removed)}
+            )
+            await self.update_services(delta)
+        return delta
+
+    def _difference(self, saved: str, kinds: set[SetKind], wanted: Iterable[SetEntry]) -> SetDelta:
+        """What to write so that the sets of ``kinds`` (as ``ipset save`` printed them) hold ``wanted``."""
+        definitions = [definition for definition in self._set_definitions() if definition.kind in kinds]
+        present = service_sets.parse_saved(saved, definitions)
+        versions = self._versions()
+        goal = {entry for entry in wanted if entry.version is None or entry.version in versions}
+        return SetDelta(tuple(goal - present), tuple(present - goal))
 
     async def cleanup(self) -> None:
         """Remove the jumps, then the chains, then the sets: whatever of them exists (missing tools: none)."""
         for family in self.families:
-            while await self._succeeds(family.iptables, "-w", "-t", "nat", "-C", *JUMP_RULE):
-                await self._must(family.iptables, "-w", "-t", "nat", "-D", *JUMP_RULE)
+            for jump in JUMPS:
+                rule = jump.rule()
+                while await self._succeeds(family.iptables, "-w", "-t", jump.table, "-C", *rule):
+                    await self._must(family.iptables, "-w", "-t", jump.table, "-D", *rule)
             if await self._succeeds(family.iptables, "-w", "-t", "nat", "-S", CHAIN):
                 await self._must(family.restore, "-w", "--noflush", stdin=removal_text())
-        for family in self.families:
-            if await self._succeeds("ipset", "list", "-n", family.set_name):
-                await self._must("ipset", "destroy", family.set_name)
+        if not _ip_set_loaded():
+            return self._forget()  # no set can exist; asking ipset would load the module
+        present = set((await self._must("ipset", "list", "-n")).stdout.split())
+        names = [family.set_name for family in self.families]
+        names += [definition.name for definition in service_sets.definitions((4, 6))]
+        for name in names:
+            if name in present:
+                await self._must("ipset", "destroy", name)
+        self._forget()
+
+    def _forget(self) -> None:
         self._members = LoopBackMembers()
+        self._bound = set()
         self.close()
 
     def _versions(self) -> set[int]:
         return {family.version for family in self.families}
 
-    async def _write(self, delta: Delta) -> None:
+    def _follow_binds(self, results: Iterable[OperationResult]) -> SetDelta:
+        added: list[SetEntry] = []
+        removed: list[SetEntry] = []
+        for result in results:
+            match result.operation:
+                case BindAddress(address=address) if result.ok and address not in self._bound:
+                    self._bound.add(address)
+                    added.append(SetEntry(SetKind.IPVS_IP, address))
+                case UnbindAddress(address=address) if result.ok and address in self._bound:
+                    self._bound.discard(address)
+                    removed.append(SetEntry(SetKind.IPVS_IP, address))
+        return SetDelta(tuple(added), tuple(removed))
+
+    def _loop_back_requests(self, delta: Delta) -> list[tuple[int, ipset_wire.Member]]:
         versions = self._versions()
         added = [entry for entry in delta.added if entry.address.version in versions]
         removed = [entry for entry in delta.removed if entry.address.version in versions]
-        if not (added or removed):
-            return
-        requests = set_requests(added, removed)
-        batches = self._socket.batches_sent
-        try:
-            if not self._socket.is_open:
-                self._socket.open()
-            codes = await self._socket.send([(command, entry.wire()) for command, entry in requests])
-        except (OSError, TimeoutError, ipset_wire.ProtocolMismatch) as exc:
-            self._socket.close()  # a fresh socket next time: no late reply can meet the next batch
-            raise MasqueradeError(f"hairpin set write over netlink failed: {exc!r}") from exc
-        finally:
-            self.set_writes += self._socket.batches_sent - batches
-        self.entries_written += len(requests)
-        self._report_failures(requests, codes)
+        return [(command, entry.wire()) for command, entry in set_requests(added, removed)]
 
-    def _report_failures(self, requests: Sequence[tuple[int, LoopBackEntry]], codes: Sequence[int]) -> None:
-        """Log the members the kernel refused; the next audit's resync writes them again."""
-        # IPSET_ERR_EXIST is what -exist forgives; without NLM_F_EXCL the kernel should not send it at all.
-        failed = [
-            (command, entry, code)
-            for (command, entry), code in zip(requests, codes, strict=True)
-            if code and code != ipset_wire.ERR_EXIST
-        ]
-        self.entries_failed += len(failed)
-        for command, entry, code in failed[:LOGGED_FAILURES]:
-            log.error(
-                "hairpin set member refused",
-                extra={
-                    "operation": "add" if command == ipset_wire.CMD_ADD else "del",
-                    "set": entry.set_name,
-                    "member": entry.member(),
-                    "error": ipset_wire.describe_error(code),
-                    "errno": code,
-                },
-            )
-        if len(failed) > LOGGED_FAILURES:
-            log.error("more hairpin set members refused", extra={"count": len(failed) - LOGGED_FAILURES})
+    async def _send(self, requests: Sequence[tuple[int, ipset_wire.Member]]) -> None:
+        try:
+            await self._writer.send(requests)
+        except SetWriteError as exc:
+            raise MasqueradeError(str(exc)) from exc
 
     async def _must(self, *argv: str, stdin: str | None = None) -> CommandResult:
         """Run a command that must succeed: MasqueradeError when it fails, is missing or hangs."""
@@ -421,6 +572,10 @@ class Masquerade:
     async def _succeeds(self, *argv: str) -> bool:
         self.commands_run += 1
         return await succeeds(*argv)
+
+
+def _ip_set_loaded() -> bool:
+    return IP_SET_MODULE.exists()  # a sysfs stat: instant
 
 
 def available_families() -> tuple[Family, ...]:

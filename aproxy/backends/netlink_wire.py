@@ -92,7 +92,9 @@ class NetlinkErrorReply(OSError):
     """The kernel refused a request (NLMSG_ERROR, or a dump that ended with an error): ``errno`` says why."""
 
     def __init__(self, seq: int, error: int) -> None:
-        super().__init__(error, f"{os.strerror(error)} (netlink request {seq})")
+        # A garbled reply can carry -INT_MIN, which os.strerror cannot take (OverflowError, not an OSError).
+        reason = os.strerror(error) if error < 2**31 else f"error {error}"
+        super().__init__(error, f"{reason} (netlink request {seq})")
         self.seq = seq
 
 

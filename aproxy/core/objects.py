@@ -28,7 +28,7 @@ import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 from typing import Any, Final, NamedTuple, TypeGuard, TypeVar
 
 from aproxy.core.model import SCHEDULERS, IPAddress, L4Protocol, RealServer, ServiceKey
@@ -129,6 +129,10 @@ class ServiceInfo:
     scheduler: str | None = None  # a valid aproxy.io/scheduler annotation; None = the node's default
     # The aproxy.io/health-check* annotations; None (nearly every service): the node's settings.
     health: HealthOverride | None = None
+    # loadBalancerSourceRanges (valid ones, each once): () = no restriction. Only meaningful for lb_ips.
+    source_ranges: tuple[IPv4Network | IPv6Network, ...] = ()
+    # healthCheckNodePort of a LoadBalancer service with externalTrafficPolicy Local; 0 = none.
+    health_check_node_port: int = 0
     skips: tuple[Skip, ...] = ()  # warnings: parts ignored, the rest stands
     # Not part of the value: aproxy.core.translate keeps here what it derives from this service alone (its
     # virtual server keys, port names, bind addresses, for one TranslationContext), so that translating the
@@ -440,6 +444,8 @@ def _parse_service(raw: object) -> ServiceInfo:
         internal_local=_local_policy(spec, "internalTrafficPolicy"),
         scheduler=_scheduler(annotations, warnings),
         health=_health_override(annotations, warnings),
+        source_ranges=_source_ranges(spec.get("loadBalancerSourceRanges"), warnings),
+        health_check_node_port=_health_check_node_port(spec, service_type, warnings),
         skips=tuple(Skip(SERVICE_KIND, namespace, name, reason, Severity.WARNING) for reason in warnings),
     )
 
@@ -540,6 +546,43 @@ def _lb_ips(value: object, families: set[int], warnings: list[str]) -> tuple[IPA
             # single-stack service), so kube-proxy drops it silently, and so do we.
             addresses[address] = None
     return tuple(addresses)
+
+
+def _source_ranges(value: object, warnings: list[str]) -> tuple[IPv4Network | IPv6Network, ...]:
+    """loadBalancerSourceRanges: CIDRs (host bits allowed, as the API server allows them; surrounding
+    spaces too, as kube-proxy trims them). A malformed one is a warning: dropping it narrows the ranges
+    (more is refused), never widens them. All malformed: the service is closed, not opened to the world."""
+    ranges: dict[IPv4Network | IPv6Network, None] = {}
+    items = _optional_list(value, "spec.loadBalancerSourceRanges")
+    for text in items:
+        try:
+            if not isinstance(text, str) or "/" not in text:
+                raise ValueError(text)
+            ranges[ip_network(text.strip(), strict=False)] = None
+        except ValueError:
+            warnings.append(f"invalid loadBalancerSourceRanges entry {_show(text)} ignored")
+    if items and not ranges:
+        # Every entry was invalid: the user meant to restrict. An empty tuple would mean "open to all".
+        return (_NOBODY,)
+    return tuple(ranges)
+
+
+def _health_check_node_port(spec: Mapping[str, Any], service_type: str, warnings: list[str]) -> int:
+    """kube-proxy serves it only for type LoadBalancer with externalTrafficPolicy Local (the API server
+    allocates it only then); elsewhere it is ignored. An invalid one is a warning: no health checks."""
+    if service_type != "LoadBalancer" or _optional_str(spec, "externalTrafficPolicy", "spec") != "Local":
+        return 0
+    value = spec.get("healthCheckNodePort")
+    if value is None:
+        return 0
+    if not _is_int(value) or not 1 <= value <= 65535:
+        warnings.append(f"invalid healthCheckNodePort {_show(value)} ignored")
+        return 0
+    return value
+
+
+# Stands for "restricted, but nobody allowed": a host route no client can be (the unspecified address).
+_NOBODY = IPv4Network("0.0.0.0/32")
 
 
 def _affinity_timeout(spec: Mapping[str, Any]) -> int:

@@ -63,74 +63,140 @@ def ok(*operations: Operation) -> list[OperationResult]:
 # --- iptables-restore text ----------------------------------------------------------------------------------
 
 
-def test_default_chain_masquerades_node_and_hairpin_traffic_only() -> None:
-    assert restore_text(V4, MasqueradeSettings()).splitlines() == [
-        "*nat",
-        ":APROXY-POSTROUTING - [0:0]",
+def chain(text: str, name: str = "APROXY-POSTROUTING") -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(f"-A {name} ")]
+
+
+MARKED = "-A APROXY-POSTROUTING -m mark --mark 0x4000/0x4000 -m comment --comment marked -j APROXY-MASQ"
+
+
+def test_default_chain_masquerades_marked_node_and_hairpin_traffic_only() -> None:
+    assert chain(restore_text(V4, MasqueradeSettings())) == [
+        MARKED,
         f'-A APROXY-POSTROUTING {NAT} -m addrtype --src-type LOCAL -m comment --comment "from the node" '
         "-j MASQUERADE",
         f"-A APROXY-POSTROUTING {NAT} -m set --match-set APROXY-LOOP-BACK dst,dst,src "
         "-m comment --comment hairpin -j MASQUERADE",
-        "COMMIT",
     ]
 
 
-def test_ipv6_chain_uses_the_ipv6_set() -> None:
+def test_marked_traffic_has_its_mark_cleared_then_is_masqueraded() -> None:
+    text = restore_text(V4, MasqueradeSettings())
+
+    assert chain(text, "APROXY-MARK-MASQ") == ["-A APROXY-MARK-MASQ -j MARK --or-mark 0x4000"]
+    assert chain(text, "APROXY-MASQ") == [
+        "-A APROXY-MASQ -j MARK --xor-mark 0x4000",
+        "-A APROXY-MASQ -j MASQUERADE --random-fully",
+    ]
+
+
+# The nat APROXY-SERVICES chain: which destinations are marked for masquerading (policy Cluster) and which
+# keep their source (cluster IPs, policy Local), in this order.
+SERVICES_V4 = [
+    "-m set --match-set APROXY-CLUSTER-IP dst,dst -j RETURN",
+    "-m set --match-set APROXY-LOAD-BALANCER-LOCAL dst,dst -j RETURN",
+    "-m set --match-set APROXY-LOAD-BALANCER dst,dst "
+    '-m comment --comment "load balancer" -j APROXY-MARK-MASQ',
+    "-m set --match-set APROXY-EXTERNAL-IP-LOCAL dst,dst -j RETURN",
+    '-m set --match-set APROXY-EXTERNAL-IP dst,dst -m comment --comment "external IP" -j APROXY-MARK-MASQ',
+    "-p tcp -m addrtype --dst-type LOCAL -m set --match-set APROXY-NODE-PORT-LOCAL-TCP dst -j RETURN",
+    "-p tcp -m addrtype --dst-type LOCAL -m set --match-set APROXY-NODE-PORT-TCP dst "
+    '-m comment --comment "node port" -j APROXY-MARK-MASQ',
+    "-p udp -m addrtype --dst-type LOCAL -m set --match-set APROXY-NODE-PORT-LOCAL-UDP dst -j RETURN",
+    "-p udp -m addrtype --dst-type LOCAL -m set --match-set APROXY-NODE-PORT-UDP dst "
+    '-m comment --comment "node port" -j APROXY-MARK-MASQ',
+]
+# The filter APROXY-INPUT chain: source ranges, then the service-IP filter.
+INPUT_V4 = [
+    "-m set --match-set APROXY-LOAD-BALANCER-FW dst,dst -m set ! --match-set APROXY-LOAD-BALANCER-SRC "
+    'dst,dst,src -m comment --comment "outside loadBalancerSourceRanges" -j DROP',
+    "-m set --match-set APROXY-CLUSTER-IP dst,dst -j RETURN",
+    "-m set --match-set APROXY-EXTERNAL-IP dst,dst -j RETURN",
+    "-m set --match-set APROXY-LOAD-BALANCER dst,dst -j RETURN",
+    "-p tcp -m set --match-set APROXY-HEALTH-CHECK-TCP dst -j RETURN",
+    "-m conntrack --ctstate NEW -m set --match-set APROXY-IPVS-IPS dst "
+    '-m comment --comment "not a service port" -j REJECT',
+]
+
+
+def test_services_and_input_chains_are_a_constant_handful_of_set_matches() -> None:
+    text = restore_text(V4, MasqueradeSettings())
+
+    assert chain(text, "APROXY-SERVICES") == [f"-A APROXY-SERVICES {rule}" for rule in SERVICES_V4]
+    assert chain(text, "APROXY-INPUT") == [f"-A APROXY-INPUT {rule}" for rule in INPUT_V4]
+
+
+def test_ipv6_chains_use_the_ipv6_sets_and_the_shared_port_sets() -> None:
     text = restore_text(V6, MasqueradeSettings())
 
     assert "--match-set APROXY-LOOP-BACK6 dst,dst,src" in text
     assert "--match-set APROXY-LOOP-BACK " not in text
+    assert (
+        chain(text, "APROXY-SERVICES")[0]
+        == "-A APROXY-SERVICES -m set --match-set APROXY-CLUSTER-IP6 dst,dst -j RETURN"
+    )
+    assert "--match-set APROXY-NODE-PORT-TCP dst" in text  # bitmap:port sets have no family
+    assert "--match-set APROXY-IPVS-IPS6 dst" in text
 
 
-def test_restore_declares_only_aproxys_chain_in_nat() -> None:
-    """--noflush leaves every other chain alone; declaring a chain flushes it, so only ours is declared."""
+def test_restore_declares_only_aproxys_chains() -> None:
+    """--noflush leaves every other chain alone; declaring a chain flushes it, so only ours are declared."""
+    ours = {"APROXY-POSTROUTING", "APROXY-SERVICES", "APROXY-MARK-MASQ", "APROXY-MASQ", "APROXY-INPUT"}
     for text in (restore_text(V4, MasqueradeSettings(cluster_cidrs=("10.244.0.0/16",))), removal_text()):
         declared = [line for line in text.splitlines() if line.startswith((":", "*", "-F", "-X", "-A"))]
-        assert {line.split()[0] for line in declared if line.startswith(":")} == {":APROXY-POSTROUTING"}
-        assert [line for line in declared if line.startswith("*")] == ["*nat"]
+        assert {line.split()[0][1:] for line in declared if line.startswith(":")} == ours
+        assert [line for line in declared if line.startswith("*")] == ["*nat", "*filter"]
         assert not [line for line in declared if line.startswith("-F")]
-        assert all(line.split()[1] == "APROXY-POSTROUTING" for line in declared if line[:2] in {"-A", "-X"})
+        assert all(line.split()[1] in ours for line in declared if line[:2] in {"-A", "-X"})
 
 
 def test_masquerade_all_is_one_rule_for_all_ipvs_nat_traffic() -> None:
-    lines = restore_text(V4, MasqueradeSettings(masquerade_all=True)).splitlines()
-
-    assert [line for line in lines if line.startswith("-A")] == [
-        f'-A APROXY-POSTROUTING {NAT} -m comment --comment "masquerade all" -j MASQUERADE'
+    assert chain(restore_text(V4, MasqueradeSettings(masquerade_all=True))) == [
+        MARKED,
+        f'-A APROXY-POSTROUTING {NAT} -m comment --comment "masquerade all" -j MASQUERADE',
     ]
 
 
 def test_cluster_cidrs_return_their_family_then_masquerade_the_rest() -> None:
     settings = MasqueradeSettings(cluster_cidrs=("10.244.0.0/16", "fd00:10:244::/56", "10.245.7.1/24"))
 
-    v4 = [line for line in restore_text(V4, settings).splitlines() if line.startswith("-A")]
-    v6 = [line for line in restore_text(V6, settings).splitlines() if line.startswith("-A")]
+    v4 = chain(restore_text(V4, settings))
+    v6 = chain(restore_text(V6, settings))
 
     outside = (
         f'-A APROXY-POSTROUTING {NAT} -m comment --comment "from outside the cluster CIDRs" -j MASQUERADE'
     )
-    # Node and hairpin rules come first: a pod reaching itself is inside the cluster CIDR and still needs it.
-    assert v4[2:] == [
+    # Marked, node and hairpin rules come first: a pod reaching itself is inside the cluster CIDR and still
+    # needs it.
+    assert v4[3:] == [
         "-A APROXY-POSTROUTING -s 10.244.0.0/16 -j RETURN",
         "-A APROXY-POSTROUTING -s 10.245.7.0/24 -j RETURN",
         outside,
     ]
-    assert v6[2:] == ["-A APROXY-POSTROUTING -s fd00:10:244::/56 -j RETURN", outside]
+    assert v6[3:] == ["-A APROXY-POSTROUTING -s fd00:10:244::/56 -j RETURN", outside]
 
 
 def test_cluster_cidrs_of_one_family_leave_the_other_without_the_catch_all() -> None:
     settings = MasqueradeSettings(cluster_cidrs=("10.244.0.0/16",))
 
-    v6 = [line for line in restore_text(V6, settings).splitlines() if line.startswith("-A")]
-
-    assert len(v6) == 2  # from the node, hairpin
+    assert len(chain(restore_text(V6, settings))) == 3  # marked, from the node, hairpin
 
 
-def test_removal_empties_then_deletes_the_chain() -> None:
+def test_removal_empties_then_deletes_the_chains() -> None:
     assert removal_text().splitlines() == [
         "*nat",
         ":APROXY-POSTROUTING - [0:0]",
+        ":APROXY-SERVICES - [0:0]",
+        ":APROXY-MARK-MASQ - [0:0]",
+        ":APROXY-MASQ - [0:0]",
         "-X APROXY-POSTROUTING",
+        "-X APROXY-SERVICES",
+        "-X APROXY-MARK-MASQ",
+        "-X APROXY-MASQ",
+        "COMMIT",
+        "*filter",
+        ":APROXY-INPUT - [0:0]",
+        "-X APROXY-INPUT",
         "COMMIT",
     ]
 

@@ -153,10 +153,10 @@ def test_an_unreadable_file_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_unimplemented_fields_are_logged_warnings(
     tmp_path: Path, started: list[Settings], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = kubeadm(tmp_path, nodePortAddresses=["192.0.2.0/24"], conntrack__maxPerCore=32768)
+    config = kubeadm(tmp_path, ipvs__excludeCIDRs=["10.0.0.0/8"], conntrack__maxPerCore=32768)
     assert cli.main(["run", "--config", config, "--node-name", "n"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("level=warning")]
-    assert any("nodePortAddresses=['192.0.2.0/24'] is ignored: not implemented yet" in w for w in warnings)
+    assert any("ipvs.excludeCIDRs=['10.0.0.0/8'] is ignored: not implemented yet" in w for w in warnings)
     assert any("conntrack.maxPerCore=32768 is ignored" in w for w in warnings)
     assert len(started) == 1
 

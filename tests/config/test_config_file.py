@@ -47,7 +47,7 @@ def test_kubeadm_configmap_loads_with_only_its_three_settings(tmp_path: Path) ->
     # every other field is a zero value: aproxy's defaults stay.
     assert dict(config.values) == {
         "kubeconfig": Path("/var/lib/kube-proxy/kubeconfig.conf"),
-        "cluster_cidr": ["10.244.0.0/16"],
+        "cluster_cidr": ("10.244.0.0/16",),
     }
     assert config.warnings == ()
 
@@ -78,10 +78,10 @@ def test_implemented_fields_take_effect() -> None:
     assert values["node_ip"] == [ipaddress.ip_address("192.0.2.10")]
     assert values["healthz_bind_address"] == ListenAddress("0.0.0.0", 10256)
     assert values["metrics_bind_address"] == ListenAddress("0.0.0.0", 10249)  # kube-proxy's port appended
-    assert values["cluster_cidr"] == ["10.244.0.0/16", "fd00:10:244::/56"]
+    assert values["cluster_cidr"] == ("10.244.0.0/16", "fd00:10:244::/56")
     assert values["ipvs_scheduler"] == "lc"
     assert (values["sync_period"], values["min_sync_period"]) == (60.0, 0.5)
-    assert values["ipvs_strict_arp"] is True
+    assert values["strict_arp"] is True
     assert values["masquerade_all"] is True
     assert (values["ipvs_tcp_timeout"], values["ipvs_tcpfin_timeout"], values["ipvs_udp_timeout"]) == (
         900.0,
@@ -94,11 +94,6 @@ def test_implemented_fields_take_effect() -> None:
 @pytest.mark.parametrize(
     ("path", "value", "named"),
     [
-        (
-            "nodePortAddresses",
-            ["192.0.2.0/24"],
-            "nodePortAddresses=['192.0.2.0/24'] is ignored: not impl",
-        ),
         ("ipvs.excludeCIDRs", ["10.0.0.0/8"], "ipvs.excludeCIDRs=['10.0.0.0/8'] is ignored: not implemented"),
         ("conntrack.maxPerCore", 32768, "conntrack.maxPerCore=32768 is ignored"),
         ("conntrack.tcpEstablishedTimeout", "24h0m0s", "conntrack.tcpEstablishedTimeout=24h0m0s is ignored"),
@@ -117,6 +112,13 @@ def test_an_unimplemented_field_that_changes_behaviour_is_a_warning_naming_it(
     assert config.warnings[0].startswith("config.conf: ")
 
 
+@pytest.mark.parametrize("value", [["192.0.2.0/24", "2001:db8::/64"], ["primary"]])
+def test_node_port_addresses_take_effect(value: list[str]) -> None:
+    config = parse(with_field("nodePortAddresses", value))
+    assert config.warnings == ()
+    assert config.values["nodeport_addresses"] == tuple(value)
+
+
 def test_fields_of_other_modes_are_accepted_silently() -> None:
     document = with_field("nftables.masqueradeAll", True)
     document["winkernel"]["networkName"] = "l2bridge"
@@ -131,6 +133,11 @@ def test_fields_of_other_modes_are_accepted_silently() -> None:
     [
         ("ipvs.tcpTimout", "1s", "config.conf: ipvs.tcpTimout: unknown field"),
         ("bogus", 1, "config.conf: bogus: unknown field"),
+        (
+            "nodePortAddresses",
+            ["bogus"],
+            "config.conf: nodePortAddresses: not a CIDR (nor 'primary' alone): 'bogus'",
+        ),
         ("ipvs.strictARP", "yes", "config.conf: ipvs.strictARP: expected true or false, got 'yes' (str)"),
         (
             "ipvs.syncPeriod",

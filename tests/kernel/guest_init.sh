@@ -58,7 +58,8 @@ export PATH=/run/aproxy/bin:$PATH
 MODULES="ipv6 ip_set ip_set_hash_ipportip xt_set ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_wlc ip_vs_lblc ip_vs_lblcr ip_vs_dh ip_vs_sh ip_vs_sed
 ip_vs_nq ip_vs_mh dummy veth nf_conntrack nf_conntrack_netlink ip_tables iptable_nat iptable_filter
 iptable_mangle xt_ipvs xt_nat xt_MASQUERADE xt_mark xt_comment xt_conntrack xt_statistic xt_recent xt_tcpudp
-xt_addrtype xt_multiport ipt_REJECT ip6_tables ip6table_nat ip6table_filter ip6table_mangle ip6t_REJECT"
+xt_addrtype xt_multiport ipt_REJECT ip6_tables ip6table_nat ip6table_filter ip6table_mangle ip6t_REJECT
+bridge ip_set_hash_ip ip_set_hash_ipport ip_set_hash_ipportnet ip_set_bitmap_port"
 log "loading modules from $MODROOT"
 # shellcheck disable=SC2086 # word splitting of the module list is intended
 if ! modprobe -a $MODULES; then

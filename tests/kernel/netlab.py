@@ -535,6 +535,16 @@ class Lab:
         self._create(client, CLIENT_GATEWAY, CLIENT_GATEWAY6)
         return client
 
+    def add_created(self, space: Namespace, create: Callable[[Namespace], None]) -> Namespace:
+        """A namespace another topology builds (``create``), removed by ``close()`` like the lab's own and
+        running echo servers on its ports (tests/kernel/fabric.py: node B, its pods, outside clients)."""
+        _check_name(space.name)
+        self._spaces.append(space)  # recorded first: a half-created namespace is still deleted
+        create(space)
+        if space.tcp_ports or space.udp_ports:
+            self._servers.serve(space)
+        return space
+
     def _create(self, space: Namespace, gateway: IPv4Address, gateway6: IPv6Address) -> None:
         # Recorded first: a half-created namespace is still deleted by close().
         self._spaces.append(space)

@@ -94,6 +94,8 @@ def daemon(manifests: Path, state_file: Path, log: Path) -> Iterator[Daemon]:
         "node-a",
         "--node-ip",
         "192.0.2.10",
+        "--nodeport-addresses",  # NodePorts on --node-ip only: the kernel is compared with a plan for it
+        "primary",
         "--backend",
         "ipvs",
         "--state-file",

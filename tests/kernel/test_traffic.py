@@ -12,10 +12,10 @@ import asyncio
 import dataclasses
 import re
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import uvloop
@@ -25,6 +25,7 @@ from aproxy.backends.ipset_socket import IPSetSocket
 from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
 from aproxy.backends.masquerade import LoopBackEntry, Masquerade
 from aproxy.core.changes import ChangeTracker
+from aproxy.core.health_ports import HealthPortTable
 from aproxy.core.model import IPAddress, L4Protocol, RealServerKey
 from aproxy.core.translate import TranslationContext
 from aproxy.syncer import Syncer, SyncReport
@@ -41,6 +42,7 @@ from tests.kernel.netlab import (
 )
 
 pytestmark = pytest.mark.kernel
+T = TypeVar("T")
 
 CTX = TranslationContext(node_name="node-a", node_addresses=frozenset({netlab.NODE_ADDRESS}))
 PORT = 80
@@ -91,7 +93,12 @@ def web_service(
 class Cluster:
     """One aproxy "daemon": a tracker, an opened IPVSBackend and its Syncer, on one event loop."""
 
-    def __init__(self, settings: IPVSSettings) -> None:
+    def __init__(
+        self,
+        settings: IPVSSettings,
+        ctx: TranslationContext = CTX,
+        health_ports: HealthPortTable | None = None,
+    ) -> None:
         self._runner = asyncio.Runner()
         self.tracker = ChangeTracker()
         self.backend = IPVSBackend(settings)
@@ -100,7 +107,7 @@ class Cluster:
         except BaseException:
             self._runner.close()
             raise
-        self.syncer = Syncer(self.tracker, CTX, self.backend)
+        self.syncer = Syncer(self.tracker, ctx, self.backend, health_ports=health_ports)
 
     def apply(self, objects: Sequence[dict[str, Any]]) -> SyncReport:
         """Feed the objects (upserts) and sync them, as the daemon would after a watch event."""
@@ -118,6 +125,10 @@ class Cluster:
         assert report.ok, report.failures
         netlab.wait_for_local_routes()  # a new IPv6 virtual IP takes traffic a moment after it is bound
         return report
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run a coroutine on the cluster's event loop (listeners it serves answer while it runs)."""
+        return self._runner.run(coroutine)
 
     def audit(self) -> SyncReport:
         return self._runner.run(self.syncer.audit())
