@@ -8,8 +8,13 @@ any task failing cancels the others and ``run`` returns 1 after logging which ta
   nudges the kernel loop on every change (``KernelLoop.changed``).
 - ``kernel``: reads this node's addresses (from the Node object when not given), builds the ``Syncer`` and
   runs the kernel loop (aproxy.kernel_loop): the one owner of kernel changes, which decides when to sync,
-  audit and check drains, and backs off after a failure.
+  audit and check drains, and backs off after a failure. With the IPVS backend it also follows the node's
+  NodePort addresses (``--nodeport-addresses``) through rtnetlink address events.
 - ``web``: ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics`` (aproxy.web.server).
+- ``health-ports``: the health-check node ports of LoadBalancer services with policy Local
+  (aproxy.web.health_ports), opened and closed as the syncer's table changes.
+- ``health`` (unless ``--no-health-checks``): the backend checks (aproxy.health); a verdict change marks the
+  services of that backend dirty, and the kernel loop drains or restores it like any other change.
 - ``node`` (Kubernetes source only): watches this node's Node object; while it is being deleted, tainted
   ``ToBeDeletedByClusterAutoscaler`` or gone, ``/healthz`` answers 503 with ``nodeEligible: false``.
 - ``stop``: waits for the stop event.
@@ -183,15 +188,17 @@ class Daemon:
         self.health_ports = HealthPortTable()
         self.health_check = HealthCheckListeners(self.health_ports, lambda: self.health().health.healthz)
         self._intake = _Intake(self.tracker, self.loop.changed, self.latency)
-        self.health_checker: HealthChecker | None = None
-        if settings.health_checks.enabled:
-            self.health_checker = HealthChecker(
+        self.health_checker = (
+            HealthChecker(
                 settings.health_checks,
                 self.health_view,
                 self._health_changed,
                 duration=self.metrics.health_check_duration,
                 stats=self.health_stats,
             )
+            if settings.health_checks.enabled
+            else None
+        )
         # This node's Node and its watch (Kubernetes source only); manifest sources: always eligible.
         self.node: ThisNode | None = None
         self._watch_node: Callable[[], Coroutine[Any, Any, None]] | None = None
@@ -207,8 +214,10 @@ class Daemon:
         try:
             async with AsyncExitStack() as resources:
                 try:
-                    await self._listen(resources)
-                    backend = await self._open_backend(resources)
+                    await _listen(self.web, resources)
+                    backend = self._backend  # an injected one (tests) is not opened here
+                    if backend is None:
+                        backend = await _open_backend(self.settings, resources)
                     self.source = await self._open_source()
                 except StartupError as exc:
                     log.error("aproxy cannot start", extra={"reason": str(exc)})
@@ -246,26 +255,6 @@ class Daemon:
             log.error(f"the {name} task failed; stopping", exc_info=True, extra={"task": name})
             raise DaemonTaskFailed(name) from exc
 
-    async def _listen(self, resources: AsyncExitStack) -> None:
-        """Bind the health and metrics addresses first: one that cannot be bound stops the daemon before it
-        has touched the kernel."""
-        try:
-            await self.web.start()
-        except ListenError as exc:
-            raise StartupError(f"--{exc.listener}-bind-address {exc.address}: {exc.reason}") from exc
-        resources.push_async_callback(self.web.close)
-
-    async def _open_backend(self, resources: AsyncExitStack) -> Backend:
-        if self._backend is not None:
-            return self._backend
-        if self.settings.backend == "dry-run":
-            log.warning("dry run: changes go to an in-memory table, not the kernel")
-            return MemoryBackend()
-        try:
-            return await resources.enter_async_context(IPVSBackend(self.settings.ipvs))
-        except (IPVSUnavailable, MasqueradeError, OSError, ValueError) as exc:
-            raise StartupError(f"cannot open the IPVS backend: {exc}") from exc
-
     async def _open_source(self) -> Source:
         if self.source is not None:
             return self.source
@@ -276,26 +265,23 @@ class Daemon:
                 retry=self.settings.retry,
             )
         try:
-            from aproxy.sources.kube.config import load_config
+            from aproxy.sources.kube.connect import connect
             from aproxy.sources.kube.errors import KubernetesConfigError
-            from aproxy.sources.kube.node import ThisNode, watch_node
-            from aproxy.sources.kube.watch import KubernetesSource
         except ImportError as exc:
             raise StartupError(f"the Kubernetes source is not available: {exc}") from exc
+        settings = self.settings
         try:
-            cluster = await load_config(
-                self.settings.kubeconfig,
-                self.settings.master,
-                renewal_interval=self.settings.credential_renewal_period,
+            cluster = await connect(
+                settings.kubeconfig,
+                settings.master,
+                node_name=settings.node_name,
+                fixed_addresses=bool(settings.node_ips),
+                renewal_interval=settings.credential_renewal_period,
             )
         except KubernetesConfigError as exc:
             raise StartupError(str(exc)) from exc
-        source = KubernetesSource(cluster.configuration, renewal=cluster.renewal)
-        self.node = ThisNode(
-            self.settings.node_name, cluster.configuration, fixed_addresses=bool(self.settings.node_ips)
-        )
-        self._watch_node = functools.partial(watch_node, source, self.settings.node_name, self.node.changed)
-        return source
+        self.node, self._watch_node = cluster.node, cluster.watch_node
+        return cluster.source
 
     async def _feed(self, source: Source) -> None:
         await source.run(self._intake)
@@ -304,51 +290,25 @@ class Daemon:
     # --- the kernel task ---------------------------------------------------------------------------------
 
     async def _kernel(self, backend: Backend) -> None:
-        context = await self._translation_context()
+        context = await translation_context(self.settings, self.node)
         drains = DrainClock(self.settings.drain_grace_period)
         health = self.health_view if self.health_checker is not None else None
         if self.health_checker is not None and isinstance(backend, IPVSBackend):
             self.health_checker.usage = backend.usage  # scope "used": what the kernel's dumps saw
-        follower = None
-        if self.settings.backend == "ipvs":
-            # NodePorts on the node's addresses, chosen by --nodeport-addresses and followed live.
-            ipvs = self.settings.ipvs
-            choice = NodePortAddresses.parse(ipvs.nodeport_addresses)
-            follower = NodePortAddressFollower(choice, ipvs.device, context.node_addresses)
+        # NodePorts on the node's addresses, chosen by --nodeport-addresses and followed live (real kernel).
+        follower = _node_port_follower(self.settings, context) if self.settings.backend == "ipvs" else None
+        if follower is not None:
             context = dataclasses.replace(context, node_addresses=await follower.current())
         syncer = Syncer(self.tracker, context, backend, drains, health=health, health_ports=self.health_ports)
-
-        def moved(addresses: frozenset[IPAddress]) -> None:
-            if syncer.set_node_addresses(addresses):
-                self.loop.changed()
-
         async with asyncio.TaskGroup() as group:
             if follower is not None:
+                moved = functools.partial(_move_node_ports, syncer, self.loop)
                 group.create_task(follower.follow(moved), name="aproxy-node-addresses")
             await self.loop.run(syncer)
 
     def _health_changed(self, services: frozenset[ServiceKey]) -> None:
         self.tracker.mark_dirty(services)
         self.loop.changed()
-
-    async def _translation_context(self) -> TranslationContext:
-        settings = self.settings
-        addresses, zone = settings.node_ips, settings.node_zone
-        if not addresses and self.node is not None:
-            node = await self.node.fetch(settings.retry)
-            addresses, zone = node.addresses, zone or node.zone
-        if not addresses:
-            log.warning("no node address known: NodePort virtual servers are not programmed")
-        log.info(
-            "node",
-            extra={"node": settings.node_name, "addresses": ",".join(map(str, addresses)), "zone": zone},
-        )
-        return TranslationContext(
-            node_name=settings.node_name,
-            node_addresses=frozenset(addresses),
-            node_zone=zone,
-            default_scheduler=settings.default_scheduler,
-        )
 
     # --- observation ---------------------------------------------------------------------------------------
 
@@ -366,6 +326,57 @@ class Daemon:
             source_pending_since=self.source.pending_since if isinstance(self.source, Pending) else None,
         )
         return HealthSnapshot(verdict, self.stats.last_sync_wall, time.time())
+
+
+async def translation_context(settings: Settings, node: ThisNode | None) -> TranslationContext:
+    """This node for translation: its name, zone and addresses (by flag, else from its Node object)."""
+    addresses, zone = settings.node_ips, settings.node_zone
+    if not addresses and node is not None:
+        found = await node.fetch(settings.retry)
+        addresses, zone = found.addresses, zone or found.zone
+    if not addresses:
+        log.warning("no node address known: NodePort virtual servers are not programmed")
+    log.info(
+        "node",
+        extra={"node": settings.node_name, "addresses": ",".join(map(str, addresses)), "zone": zone},
+    )
+    return TranslationContext(
+        node_name=settings.node_name,
+        node_addresses=frozenset(addresses),
+        node_zone=zone,
+        default_scheduler=settings.default_scheduler,
+    )
+
+
+async def _listen(web: WebServer, resources: AsyncExitStack) -> None:
+    """Bind the health and metrics addresses first: one that cannot be bound stops the daemon before it has
+    touched the kernel."""
+    try:
+        await web.start()
+    except ListenError as exc:
+        raise StartupError(f"--{exc.listener}-bind-address {exc.address}: {exc.reason}") from exc
+    resources.push_async_callback(web.close)
+
+
+async def _open_backend(settings: Settings, resources: AsyncExitStack) -> Backend:
+    if settings.backend == "dry-run":
+        log.warning("dry run: changes go to an in-memory table, not the kernel")
+        return MemoryBackend()
+    try:
+        return await resources.enter_async_context(IPVSBackend(settings.ipvs))
+    except (IPVSUnavailable, MasqueradeError, OSError, ValueError) as exc:
+        raise StartupError(f"cannot open the IPVS backend: {exc}") from exc
+
+
+def _node_port_follower(settings: Settings, context: TranslationContext) -> NodePortAddressFollower:
+    ipvs = settings.ipvs
+    choice = NodePortAddresses.parse(ipvs.nodeport_addresses)
+    return NodePortAddressFollower(choice, ipvs.device, context.node_addresses)
+
+
+def _move_node_ports(syncer: Syncer, loop: KernelLoop, addresses: frozenset[IPAddress]) -> None:
+    if syncer.set_node_addresses(addresses):
+        loop.changed()
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> list[signal.Signals]:

@@ -3,50 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib.metadata
-import ipaddress
 import logging
-import math
-import re
-import socket
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
-from typing import Any
 
 import orjson
 import uvloop
 
-from aproxy import app, logs, render
+from aproxy import app, flags, logs, render
 from aproxy.backends.base import Backend
-from aproxy.backends.ipvs import IPVSBackend, IPVSSettings, IPVSUnavailable, check_device_name
-from aproxy.backends.ipvs_wire import IPVSTimeouts
+from aproxy.backends.ipvs import IPVSBackend, IPVSUnavailable
 from aproxy.backends.memory import MemoryBackend
-from aproxy.config_file import ConfigFileError, load_config_files
+from aproxy.config_file import ConfigFileError
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import (
-    DEFAULT_SCHEDULER,
-    SCHEDULERS,
     AddRealServer,
-    IPAddress,
     Operation,
     RealServerKey,
     UpdateRealServer,
     VirtualServerKey,
     operation_to_dict,
 )
-from aproxy.core.node_addresses import NodePortAddresses
 from aproxy.core.translate import TranslationContext
 from aproxy.core.verdicts import HealthView
-from aproxy.health.config import SCOPES, HealthCheckSettings
+from aproxy.health.config import HealthCheckSettings
 from aproxy.health.oneshot import judge_once
 from aproxy.settings import Settings, SettingsError, period_floor_problems
-from aproxy.sources.file import FileSourceSettings
 from aproxy.sources.manifest import ManifestError, load_manifests
 from aproxy.syncer import Syncer, SyncReport, desired_all, log_fail_open, log_skips
-from aproxy.web.server import ListenAddress, ListenAddressError
 
 log = logging.getLogger("aproxy")
 
@@ -55,77 +41,11 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 
 
-def _ip(text: str) -> IPAddress:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid IP address: {text!r}") from None
-
-
-def _scheduler(text: str) -> str:
-    if text not in SCHEDULERS:
-        raise argparse.ArgumentTypeError(
-            f"unknown IPVS scheduler {text!r} (one of {', '.join(sorted(SCHEDULERS))})"
-        )
-    return text
-
-
-def _add_node_options(parser: argparse.ArgumentParser, *, source_required: bool = True) -> None:
-    parser.add_argument(
-        "--source",
-        action="append",
-        type=Path,
-        required=source_required,
-        default=None if source_required else [],
-        metavar="FILE",
-        help="Kubernetes manifests (YAML or JSON: Service, EndpointSlice, List); a directory means its "
-        "*.yaml, *.yml and *.json files; repeatable",
-    )
-    parser.add_argument(
-        "--node-name",
-        "--hostname-override",
-        default=None,
-        help="this node's name (for traffic policy Local; default: the host name, as kube-proxy's)",
-    )
-    parser.add_argument(
-        "--node-ip",
-        action="append",
-        type=_ip,
-        default=[],
-        metavar="IP",
-        help="an address of this node, where NodePort virtual servers listen; repeatable",
-    )
-    parser.add_argument("--node-zone", default=None, help="this node's topology zone (for topology hints)")
-    parser.add_argument(
-        "--ipvs-scheduler",
-        type=_scheduler,
-        default=DEFAULT_SCHEDULER,
-        help=f"default IPVS scheduler (default: {DEFAULT_SCHEDULER}); "
-        "a service's aproxy.io/scheduler annotation overrides it",
-    )
-
-
-def _add_cluster_options(parser: argparse.ArgumentParser, *, kubeconfig_help: str) -> None:
-    """Where a live cluster is (``plan`` and ``run``; each explains --kubeconfig in its own terms)."""
-    parser.add_argument("--kubeconfig", type=Path, default=None, help=kubeconfig_help)
-    parser.add_argument("--master", default=None, help="API server URL, overriding the kubeconfig's")
-
-
-def _add_backend_option(parser: argparse.ArgumentParser, *, dry_run_table: str) -> None:
-    """The kernel or an in-memory table (``sync`` and ``run``, which say whether the table starts empty)."""
-    parser.add_argument(
-        "--backend",
-        choices=["ipvs", "dry-run"],
-        default="ipvs",
-        help=f"ipvs (default) programs the kernel; dry-run applies to {dry_run_table}",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aproxy", description="An incremental Kubernetes service proxy that programs Linux IPVS."
     )
-    parser.add_argument("--version", action="version", version=f"aproxy {_version()}")
+    parser.add_argument("--version", action="version", version=f"aproxy {flags.version()}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="logfmt", choices=["logfmt", "json"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -140,14 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
             "cluster cannot be read, 2 when a file cannot be read or parsed."
         ),
     )
-    _add_node_options(plan, source_required=False)
-    _add_cluster_options(
+    flags.add_node_options(plan, source_required=False)
+    flags.add_cluster_options(
         plan,
         kubeconfig_help="plan from a live cluster (instead of --source); without --node-ip, the addresses of "
         "the Node --node-name are read from the API",
     )
     plan.add_argument("--output", choices=["json", "text"], default="json", help="json (default) or text")
-    _add_one_shot_health_option(plan)
+    flags.add_one_shot_health_option(plan)
     plan.set_defaults(handler=_plan)
 
     sync = commands.add_parser(
@@ -160,14 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
             "2 when a file cannot be read or parsed."
         ),
     )
-    _add_node_options(sync)
-    _add_kernel_options(sync)
-    _add_datapath_options(sync)
-    _add_backend_option(sync, dry_run_table="an empty in-memory table")
+    flags.add_node_options(sync)
+    flags.add_kernel_options(sync)
+    flags.add_datapath_options(sync)
+    flags.add_backend_option(sync, dry_run_table="an empty in-memory table")
     sync.add_argument(
         "--output", choices=["json", "text"], default="text", help="text (default) or json lines"
     )
-    _add_one_shot_health_option(sync)
+    flags.add_one_shot_health_option(sync)
     sync.set_defaults(handler=_sync)
 
     _add_run_command(commands)
@@ -176,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         "cleanup",
         help="remove every virtual server, address and device aproxy owns, and nothing else",
     )
-    _add_kernel_options(cleanup)
+    flags.add_kernel_options(cleanup)
     cleanup.set_defaults(handler=_cleanup)
     return parser
 
@@ -195,12 +115,12 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
             "arguments."
         ),
     )
-    _add_node_options(run, source_required=False)
-    _add_cluster_options(run, kubeconfig_help="kubeconfig file (instead of --source)")
-    _add_kernel_options(run)
-    _add_datapath_options(run)
-    _add_backend_option(run, dry_run_table="an in-memory table")
-    _add_kube_proxy_options(run)
+    flags.add_node_options(run, source_required=False)
+    flags.add_cluster_options(run, kubeconfig_help="kubeconfig file (instead of --source)")
+    flags.add_kernel_options(run)
+    flags.add_datapath_options(run)
+    flags.add_backend_option(run, dry_run_table="an in-memory table")
+    flags.add_kube_proxy_options(run)
     periods = (
         ("--min-sync-period", defaults.min_sync_period, "shortest time between two syncs"),
         ("--sync-period", defaults.sync_period, "longest time without a sync; /healthz fails after twice it"),
@@ -210,7 +130,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     )
     for flag, default, text in periods:
         run.add_argument(
-            flag, type=_duration, default=default, metavar="DURATION", help=f"{text} ({default:g} s)"
+            flag, type=flags.duration, default=default, metavar="DURATION", help=f"{text} ({default:g} s)"
         )
     for flag, address, what in (
         ("--healthz-bind-address", defaults.healthz_address, "/healthz, /livez and /readyz"),
@@ -218,71 +138,14 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     ):
         run.add_argument(
             flag,
-            type=_listen_address,
+            type=flags.listen_address,
             default=address,
             metavar="HOST:PORT",
             help=f"{what} (default: {address})",
         )
-    _add_health_check_options(run)
-    _add_file_source_options(run)
+    flags.add_health_check_options(run)
+    flags.add_file_source_options(run)
     run.set_defaults(handler=_run)
-
-
-def _add_health_check_options(run: argparse.ArgumentParser) -> None:
-    """Active TCP checks of the backends (aproxy/health/): unhealthy ones are drained at weight 0."""
-    defaults = HealthCheckSettings()
-    group = run.add_argument_group(
-        "backend health checks",
-        "every node checks every TCP real server it programs with a TCP connect; a backend failing --fall "
-        "checks in a row gets weight 0 until --rise succeed. Per service: annotations "
-        "aproxy.io/health-check (false: off), aproxy.io/health-check-interval, aproxy.io/health-check-port",
-    )
-    group.add_argument(
-        "--no-health-checks", dest="health_checks", action="store_false", help="trust readiness alone"
-    )
-    for flag, default, text in (
-        ("--health-check-interval", defaults.interval, "time between two checks of a backend"),
-        ("--health-check-timeout", defaults.timeout, "a handshake not done by then is a failure"),
-        ("--health-check-used-window", defaults.used_window, "scope used: connections this recent count"),
-    ):
-        group.add_argument(
-            flag, type=_duration, default=default, metavar="DURATION", help=f"{text} ({default:g} s)"
-        )
-    for flag, number, text in (
-        ("--health-check-fall", defaults.fall, "consecutive failures that drain a backend"),
-        ("--health-check-rise", defaults.rise, "consecutive successes that restore it"),
-        ("--health-check-concurrency", defaults.concurrency, "checks in flight at most"),
-    ):
-        group.add_argument(flag, type=int, default=number, metavar="N", help=f"{text} ({number})")
-    group.add_argument(
-        "--health-check-max-rate",
-        type=float,
-        default=defaults.max_rate,
-        metavar="CHECKS_PER_S",
-        help=f"checks per second from this node at most; beyond it intervals stretch ({defaults.max_rate:g})",
-    )
-    group.add_argument(
-        "--health-check-scope",
-        choices=SCOPES,
-        default=defaults.scope,
-        help="all (default): every TCP real server; used: those that carried this node's connections "
-        "within --health-check-used-window, and the unhealthy ones",
-    )
-    group.add_argument(
-        "--health-check-fail-closed",
-        action="store_true",
-        help="when every backend of a virtual server is unhealthy, drain them all (default: keep them all)",
-    )
-
-
-def _add_one_shot_health_option(parser: argparse.ArgumentParser) -> None:
-    defaults = HealthCheckSettings()
-    parser.add_argument(
-        "--health-checks",
-        action="store_true",
-        help=f"check every TCP backend now (a TCP connect, up to {defaults.fall} tries of "
-        f"{defaults.timeout:g} s) and give the unhealthy ones weight 0, as the daemon would",
-    )
 
 
 def _judged(tracker: ChangeTracker, ctx: TranslationContext, args: argparse.Namespace) -> HealthView | None:
@@ -297,161 +160,11 @@ def _judged(tracker: ChangeTracker, ctx: TranslationContext, args: argparse.Name
     return view
 
 
-def _health_check_settings(args: argparse.Namespace) -> HealthCheckSettings:
-    fields = ("interval", "timeout", "fall", "rise", "concurrency", "max_rate", "scope", "used_window")
-    return HealthCheckSettings(
-        enabled=args.health_checks,
-        fail_closed=args.health_check_fail_closed,
-        **{name: getattr(args, f"health_check_{name}") for name in fields},
-    )
-
-
-def _add_file_source_options(parser: argparse.ArgumentParser) -> None:
-    defaults = FileSourceSettings()
-    parser.add_argument(
-        "--source-settle-period",
-        type=_duration,
-        default=defaults.settle_period,
-        metavar="DURATION",
-        help="how long manifest files must be quiet before a change is read, so that a file written in "
-        f"place is not read half-written ({defaults.settle_period:g} s)",
-    )
-
-
-def _file_source_settings(args: argparse.Namespace) -> FileSourceSettings:
-    return FileSourceSettings(settle_period=args.source_settle_period)
-
-
 def _check_sources_exist(sources: Sequence[Path]) -> None:
     """A --source that does not exist is a ManifestError (exit 2), not a daemon waiting for it forever."""
     for path in sources:
         if not path.exists():
             raise ManifestError(f"--source {path}: No such file or directory")
-
-
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def _duration(text: str) -> float:
-    """Seconds: a plain number, or Go-style units as kube-proxy's flags take them ("1m30s", "500ms")."""
-    if text.startswith("-"):
-        raise argparse.ArgumentTypeError(f"invalid duration: {text!r} (must not be negative)")
-    try:
-        seconds = float(text)
-    except ValueError:
-        parts = _DURATION.findall(text)
-        if not parts or "".join(number + unit for number, unit in parts) != text:
-            raise argparse.ArgumentTypeError(
-                f"invalid duration: {text!r} (e.g. 30, 30s, 500ms, 15m)"
-            ) from None
-        seconds = sum(float(number) * _UNITS[unit] for number, unit in parts)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise argparse.ArgumentTypeError(f"invalid duration: {text!r} (must be finite and >= 0)")
-    return seconds
-
-
-def _listen_address(text: str) -> ListenAddress:
-    try:
-        return ListenAddress.parse(text)
-    except ListenAddressError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _device_name(text: str) -> str:
-    try:
-        return check_device_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _add_kernel_options(parser: argparse.ArgumentParser) -> None:
-    defaults = IPVSSettings()
-    parser.add_argument(
-        "--device",
-        type=_device_name,
-        default=defaults.device,
-        help=f"dummy device for service addresses (default: {defaults.device})",
-    )
-    parser.add_argument(
-        "--state-file",
-        type=Path,
-        default=defaults.state_file,
-        help=f"record of owned virtual servers on unbound addresses (default: {defaults.state_file})",
-    )
-
-
-def _settings(args: argparse.Namespace) -> IPVSSettings:
-    return IPVSSettings(device=args.device, state_file=args.state_file, **_datapath_settings(args))
-
-
-def _cidrs(text: str) -> tuple[str, ...]:
-    """kube-proxy's --cluster-cidr: one CIDR, or a comma-separated pair for dual-stack."""
-    cidrs = tuple(part.strip() for part in text.split(",") if part.strip())
-    for cidr in cidrs:
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a CIDR: {cidr!r}") from None
-    return cidrs
-
-
-def _nodeport_addresses(text: str) -> tuple[str, ...]:
-    values = tuple(part.strip() for part in text.split(","))
-    try:
-        NodePortAddresses.parse(values)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return values
-
-
-def _add_datapath_options(parser: argparse.ArgumentParser) -> None:
-    """What surrounds IPVS on the node: source NAT, ARP, sysctls (backends/masquerade.py, sysctl.py)."""
-    parser.add_argument(
-        "--masquerade-all",
-        action="store_true",
-        help="source-NAT all traffic IPVS forwards (kube-proxy's --masquerade-all)",
-    )
-    parser.add_argument(
-        "--cluster-cidr",
-        type=_cidrs,
-        default=(),
-        metavar="CIDR[,CIDR]",
-        help="the pod network: cluster-IP traffic from outside it is source-NATed (kube-proxy's meaning)",
-    )
-    parser.add_argument(
-        "--nodeport-addresses",
-        type=_nodeport_addresses,
-        default=(),
-        metavar="CIDR[,CIDR]|primary",
-        help="NodePorts on the local addresses in these CIDRs, or on the node's primary IPs (default: every "
-        "local address but loopback and the device's), followed as addresses come and go (run)",
-    )
-    parser.add_argument(
-        "--ipvs-strict-arp",
-        "--strict-arp",
-        dest="strict_arp",
-        action="store_true",
-        help="arp_ignore=1, arp_announce=2: no ARP answers for kube-ipvs0's addresses (MetalLB)",
-    )
-    parser.add_argument(
-        "--manage-sysctls",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="set the sysctls IPVS needs (net/ipv4/vs/conntrack, ip_forward, ...) at start (default: yes)",
-    )
-
-
-def _datapath_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The IPVSSettings fields of ``_add_datapath_options`` (their defaults for commands without them)."""
-    defaults = IPVSSettings()
-    return {
-        "masquerade_all": getattr(args, "masquerade_all", defaults.masquerade_all),
-        "cluster_cidrs": getattr(args, "cluster_cidr", defaults.cluster_cidrs),
-        "strict_arp": getattr(args, "strict_arp", defaults.strict_arp),
-        "manage_sysctls": getattr(args, "manage_sysctls", defaults.manage_sysctls),
-        "nodeport_addresses": getattr(args, "nodeport_addresses", defaults.nodeport_addresses),
-    }
 
 
 def tracker_from_manifests(paths: Sequence[Path]) -> ChangeTracker:
@@ -548,7 +261,7 @@ def _sync(args: argparse.Namespace) -> int:
 
     async def run() -> list[SyncReport]:
         backend: AbstractAsyncContextManager[Backend] = (
-            IPVSBackend(_settings(args)) if args.backend == "ipvs" else nullcontext(MemoryBackend())
+            IPVSBackend(flags.ipvs_settings(args)) if args.backend == "ipvs" else nullcontext(MemoryBackend())
         )
         async with backend as opened:
             syncer = Syncer(tracker, ctx, opened, health=health)
@@ -621,11 +334,11 @@ def _run(args: argparse.Namespace) -> int:
             drain_check_period=args.drain_check_period,
             drain_grace_period=args.drain_grace_period,
             backend=args.backend,
-            ipvs=_kube_proxy_ipvs_settings(args, _settings(args)),
+            ipvs=flags.kube_proxy_ipvs_settings(args, flags.ipvs_settings(args)),
             healthz_address=args.healthz_bind_address,
             metrics_address=args.metrics_bind_address,
-            health_checks=_health_check_settings(args),
-            file_source=_file_source_settings(args),
+            health_checks=flags.health_check_settings(args),
+            file_source=flags.file_source_settings(args),
         )
     except SettingsError as exc:
         print(f"aproxy run: {exc}", file=sys.stderr)
@@ -636,7 +349,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _cleanup(args: argparse.Namespace) -> int:
     async def run() -> int:
-        backend = IPVSBackend(_settings(args))
+        backend = IPVSBackend(flags.ipvs_settings(args))
         await backend.open(prepare=False)  # cleanup creates nothing and writes no sysctl on its way
         try:
             return await backend.cleanup()
@@ -648,27 +361,11 @@ def _cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_NEGATIVE_VALUE = re.compile(r"-[\d.]")
-
-
-def _negative_values_attached(argv: Sequence[str]) -> list[str]:
-    """``--flag -1s`` as ``--flag=-1s``: argparse takes ``-1s`` for an option (``expected one argument``);
-    attached, the flag's own type check names the flag and the value. aproxy has no option that looks like
-    ``-<digit>`` and no positional argument a negative number could be."""
-    joined: list[str] = []
-    for token in argv:
-        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and _NEGATIVE_VALUE.match(token):
-            joined[-1] = f"{joined[-1]}={token}"
-        else:
-            joined.append(token)
-    return joined
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = _negative_values_attached(sys.argv[1:] if argv is None else argv)
+    argv = flags.negative_values_attached(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        config_warnings = _apply_config_files(args, argv)
+        config_warnings = flags.apply_config_files(args, argv, build_parser)
     except (ConfigFileError, ManifestError) as exc:
         print(f"aproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -683,110 +380,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IPVSUnavailable as exc:
         print(f"aproxy: {exc}", file=sys.stderr)
         return EXIT_FAILED
-
-
-# --- kube-proxy's interface: --config, its flag spellings --------------------------------------------------
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("aproxy")
-    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
-        return "unknown"
-
-
-def _add_kube_proxy_options(run: argparse.ArgumentParser) -> None:
-    """kube-proxy's flags where aproxy does the same thing (its other spellings are on the options
-    themselves: --hostname-override, --kubeconfig, --master, --ipvs-scheduler, the bind addresses)."""
-    run.add_argument(
-        "--config",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="FILE",
-        help="a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1, as in kubeadm's kube-proxy "
-        "ConfigMap) and/or an AproxyConfiguration (aproxy.io/v1alpha1); repeatable; flags override it",
-    )
-    # Aliases: SUPPRESS keeps them from overwriting the default their twin sets.
-    for alias, dest in (("--ipvs-sync-period", "sync_period"), ("--ipvs-min-sync-period", "min_sync_period")):
-        run.add_argument(
-            alias,
-            dest=dest,
-            type=_duration,
-            default=argparse.SUPPRESS,
-            metavar="DURATION",
-            help=f"kube-proxy's name for --{dest.replace('_', '-')}",
-        )
-    for flag, what in (
-        ("--ipvs-tcp-timeout", "idle TCP connections"),
-        ("--ipvs-tcpfin-timeout", "TCP connections after a FIN"),
-        ("--ipvs-udp-timeout", "UDP flows"),
-    ):
-        run.add_argument(
-            flag,
-            type=_duration,
-            default=0.0,
-            metavar="DURATION",
-            help=f"IPVS's timeout for {what}, set at start like `ipvsadm --set` (0, the default: unchanged)",
-        )
-    run.add_argument(
-        "--proxy-mode", choices=["ipvs"], default="ipvs", help="kube-proxy's mode: only ipvs (the default)"
-    )
-    run.add_argument(
-        "--cleanup", action="store_true", help="as `aproxy cleanup`: remove what aproxy owns and exit"
-    )
-    run.add_argument(
-        "-v",
-        "--v",
-        dest="verbosity",
-        type=int,
-        default=0,
-        metavar="N",
-        help="kube-proxy's log verbosity: 4 or more logs at debug level (unless --log-level is given)",
-    )
-
-
-def _explicit_dests(argv: Sequence[str]) -> set[str]:
-    """The options given on the command line (their dests): the parser again, every default suppressed."""
-    parser = build_parser()
-    parsers = [parser]
-    while parsers:
-        current = parsers.pop()
-        for action in current._actions:
-            action.default = argparse.SUPPRESS
-            if isinstance(action, argparse._SubParsersAction):
-                parsers.extend(action.choices.values())
-    return set(vars(parser.parse_args(argv)))
-
-
-def _apply_config_files(args: argparse.Namespace, argv: Sequence[str]) -> list[str]:
-    """Precedence flag > file > default: the files' values replace the options not given. Returns the
-    files' warnings (logged once logging is configured). Raises ConfigFileError, ManifestError."""
-    warnings: list[str] = []
-    explicit = _explicit_dests(argv)
-    if getattr(args, "config", None):
-        config = load_config_files(args.config)
-        warnings.extend(config.warnings)
-        for dest, value in config.values.items():
-            if dest not in explicit:
-                setattr(args, dest, value)
-    if getattr(args, "verbosity", 0) >= 4 and "log_level" not in explicit:
-        args.log_level = "debug"
-    if hasattr(args, "node_name") and not args.node_name:
-        # kube-proxy's default: the host name, lower-cased (as the kubelet registers the Node).
-        args.node_name = socket.gethostname().lower()
-    return warnings
-
-
-def _kube_proxy_ipvs_settings(args: argparse.Namespace, ipvs: IPVSSettings) -> IPVSSettings:
-    """The backend settings only the config file (or kube-proxy's flags) set."""
-    try:
-        timeouts = IPVSTimeouts(args.ipvs_tcp_timeout, args.ipvs_tcpfin_timeout, args.ipvs_udp_timeout)
-    except ValueError as exc:
-        raise SettingsError(f"--ipvs-*-timeout: {exc}") from None
-    changes: dict[str, object] = {"timeouts": timeouts}
-    # masqueradeAll, clusterCIDR, strictARP and nodePortAddresses set the flags' own options: _settings.
-    return dataclasses.replace(ipvs, **changes)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

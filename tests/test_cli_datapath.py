@@ -6,12 +6,13 @@ import pytest
 
 from aproxy import cli
 from aproxy.backends.ipvs import IPVSSettings
+from aproxy.flags import ipvs_settings
 
 RUN = ["run", "--node-name", "node-a"]
 
 
 def test_defaults_keep_kube_proxys_defaults() -> None:
-    settings = cli._settings(cli.build_parser().parse_args(RUN))
+    settings = ipvs_settings(cli.build_parser().parse_args(RUN))
 
     assert (settings.masquerade_all, settings.cluster_cidrs) == (False, ())
     assert (settings.strict_arp, settings.manage_sysctls, settings.masquerade) == (False, True, True)
@@ -25,7 +26,7 @@ def test_every_flag_reaches_the_settings(command: list[str]) -> None:
     more = ["--no-manage-sysctls", "--nodeport-addresses", "192.168.0.0/16,fd00::/8"]
     args = cli.build_parser().parse_args([*command, *flags, *more])
 
-    assert cli._settings(args) == IPVSSettings(
+    assert ipvs_settings(args) == IPVSSettings(
         masquerade_all=True,
         cluster_cidrs=("10.244.0.0/16", "fd00:10:244::/56"),
         strict_arp=True,
@@ -45,12 +46,12 @@ def test_a_cluster_cidr_that_is_not_one_is_a_usage_error(capsys: pytest.CaptureF
 def test_cleanup_takes_no_data_path_flag_and_builds_default_settings() -> None:
     args = cli.build_parser().parse_args(["cleanup"])
 
-    assert cli._settings(args) == IPVSSettings()
+    assert ipvs_settings(args) == IPVSSettings()
 
 
 def test_nodeport_addresses_take_primary_alone_or_cidrs() -> None:
     args = cli.build_parser().parse_args([*RUN, "--nodeport-addresses", "primary"])
-    assert cli._settings(args).nodeport_addresses == ("primary",)
+    assert ipvs_settings(args).nodeport_addresses == ("primary",)
 
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args([*RUN, "--nodeport-addresses", "primary,10.0.0.0/8"])

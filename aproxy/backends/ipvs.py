@@ -38,7 +38,8 @@ from aproxy.backends.base import DestinationUsage, OperationResult, RealServerCo
 from aproxy.backends.conntrack import ConntrackCleaner
 from aproxy.backends.ipvs_socket import IPVSSocket
 from aproxy.backends.ipvs_wire import IPVSTimeouts
-from aproxy.backends.masquerade import Masquerade, MasqueradeError, MasqueradeSettings
+from aproxy.backends.masquerade import Masquerade, MasqueradeError
+from aproxy.backends.nat_rules import MasqueradeSettings
 from aproxy.backends.netlink_socket import BatchLimits
 from aproxy.backends.ownership import OwnershipRecord
 from aproxy.backends.pyroute2_thread import NetlinkThread

@@ -16,7 +16,7 @@ import pytest
 from pyroute2.netlink.nfnetlink.ipset import ipset_msg
 
 from aproxy.backends import ipset_wire
-from aproxy.backends.masquerade import LoopBackEntry, set_requests
+from aproxy.backends.nat_rules import LoopBackEntry, set_requests
 from aproxy.backends.netlink_wire import NLA_F_NESTED, NLA_F_NET_BYTEORDER, Ack, parse_acks, parse_messages
 from aproxy.core.model import IPAddress, L4Protocol
 

@@ -14,12 +14,12 @@ import pytest
 
 from aproxy.backends import ipset_wire
 from aproxy.backends.base import OperationResult
-from aproxy.backends.masquerade import (
+from aproxy.backends.masquerade import Masquerade
+from aproxy.backends.nat_rules import (
     FAMILIES,
     Delta,
     LoopBackEntry,
     LoopBackMembers,
-    Masquerade,
     MasqueradeSettings,
     create_sets_text,
     parse_saved_members,

@@ -21,6 +21,7 @@ from aproxy.app import Daemon
 from aproxy.backends.base import DestinationUsage, RealServerConnections
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.model import L4Protocol, RealServerKey, VirtualServerKey
+from aproxy.flags import health_check_settings
 from aproxy.health.checker import HealthChecker
 from aproxy.health.config import HealthCheckSettings
 from aproxy.health.states import Health
@@ -35,7 +36,7 @@ VIRTUAL = VirtualServerKey(L4Protocol.TCP, ip_address("10.96.0.1"), 80)
 
 def parse(*flags: str) -> HealthCheckSettings:
     args = cli.build_parser().parse_args(["run", "--source", "x", "--node-name", "n", *flags])
-    return cli._health_check_settings(args)
+    return health_check_settings(args)
 
 
 def test_flags_defaults_are_the_documented_ones() -> None:

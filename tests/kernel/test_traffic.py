@@ -23,7 +23,8 @@ import uvloop
 from aproxy.backends import ipset_wire
 from aproxy.backends.ipset_socket import IPSetSocket
 from aproxy.backends.ipvs import IPVSBackend, IPVSSettings
-from aproxy.backends.masquerade import LoopBackEntry, Masquerade
+from aproxy.backends.masquerade import Masquerade
+from aproxy.backends.nat_rules import LoopBackEntry
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.health_ports import HealthPortTable
 from aproxy.core.model import IPAddress, L4Protocol, RealServerKey
