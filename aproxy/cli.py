@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager, nullcontext
@@ -15,7 +16,9 @@ import uvloop
 from aproxy import app, flags, logs, render
 from aproxy.backends.base import Backend
 from aproxy.backends.ipvs import IPVSBackend, IPVSUnavailable
+from aproxy.backends.masquerade import MasqueradeError
 from aproxy.backends.memory import MemoryBackend
+from aproxy.backends.sysctl import SysctlError, apply_sysctls, wanted_sysctls
 from aproxy.config_file import ConfigFileError
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.model import (
@@ -92,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_run_command(commands)
 
+    prepare = commands.add_parser(
+        "prepare-node",
+        help="set the kernel settings IPVS needs (sysctls; loads IPVS) and exit: for a privileged init "
+        "container, so that the daemon's own container needs only NET_ADMIN",
+    )
+    prepare.add_argument(
+        "--ipvs-strict-arp",
+        dest="strict_arp",
+        action="store_true",
+        help="also arp_ignore=1, arp_announce=2 (as the daemon's --ipvs-strict-arp)",
+    )
+    prepare.set_defaults(handler=_prepare_node)
     cleanup = commands.add_parser(
         "cleanup",
         help="remove every virtual server, address and device aproxy owns, and nothing else",
@@ -347,6 +362,23 @@ def _run(args: argparse.Namespace) -> int:
     return app.main(settings)
 
 
+def _prepare_node(args: argparse.Namespace) -> int:
+    """IPVS loaded (its sysctls exist only then: resolving its netlink family makes the kernel load it), then
+    the sysctls the daemon would set; the daemon then finds them right and writes nothing."""
+    from pyroute2 import IPVS  # only this command needs the synchronous API
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPVS():
+            pass
+    except (NetlinkError, OSError) as exc:
+        raise IPVSUnavailable(f"IPVS generic netlink family not available: {exc}") from exc
+    wanted = wanted_sysctls(os.uname().release, strict_arp=args.strict_arp)
+    changes = uvloop.run(apply_sysctls(wanted))
+    sys.stdout.write(f"{len(changes)} of {len(wanted)} sysctls changed\n")
+    return EXIT_OK
+
+
 def _cleanup(args: argparse.Namespace) -> int:
     async def run() -> int:
         backend = IPVSBackend(flags.ipvs_settings(args))
@@ -377,8 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ManifestError as exc:
         print(f"aproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except IPVSUnavailable as exc:
-        print(f"aproxy: {exc}", file=sys.stderr)
+    except (IPVSUnavailable, SysctlError, MasqueradeError) as exc:
+        print(f"aproxy: {exc}", file=sys.stderr)  # the node cannot take aproxy's state: one line
         return EXIT_FAILED
 
 

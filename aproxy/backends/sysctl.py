@@ -21,6 +21,7 @@ done in a worker thread (``asyncio.to_thread``) so that the event loop never wai
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 from collections.abc import Sequence
@@ -36,8 +37,18 @@ CONN_REUSE_MODE_FIXED_IN = (5, 9)
 _RELEASE = re.compile(r"(\d+)\.(\d+)(?:\.(\d+))?")
 
 
+# An unprivileged container sees /proc/sys read-only (kube-proxy runs privileged for this alone).
+READ_ONLY_HINT = (
+    " (/proc/sys is read-only here: run `aproxy prepare-node` once in a privileged init container, as"
+    " deploy/daemonset.yaml does, or set the sysctls yourself and pass --no-manage-sysctls)"
+)
+
+
 class SysctlError(OSError):
     """A sysctl could not be read or written (missing: the module that provides it is not loaded)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()  # the message, without OSError's "[Errno N]" prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +105,8 @@ def _set_all(wanted: Sequence[Sysctl], root: Path) -> list[SysctlChange]:
                 continue
             path.write_text(f"{sysctl.value}\n")
         except OSError as exc:
-            raise SysctlError(exc.errno, f"sysctl {sysctl.name}: {exc.strerror}") from exc
+            hint = READ_ONLY_HINT if exc.errno == errno.EROFS else ""
+            raise SysctlError(exc.errno, f"sysctl {sysctl.name}: {exc.strerror}{hint}") from exc
         log.info("set sysctl", extra={"sysctl": sysctl.name, "old": old, "new": sysctl.value})
         changes.append(SysctlChange(sysctl.name, old, sysctl.value))
     return changes

@@ -38,7 +38,8 @@ def render() -> list[dict[str, Any]]:
         for obj in yaml.safe_load_all((DEPLOY / resource).read_text()):
             if obj["kind"] not in CLUSTER_SCOPED:
                 obj["metadata"]["namespace"] = kustomization["namespace"]
-            for container in obj.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+            for container in [*pod.get("initContainers", []), *pod.get("containers", [])]:
                 image = images.get(container["image"])
                 if image is not None:
                     container["image"] = f"{image['newName']}:{image['newTag']}"
@@ -114,6 +115,11 @@ def test_the_daemonset() -> None:
         "type": "FileOrCreate",
     }
     assert container["image"] == "aproxy:latest"
+    # The one privileged step: the sysctls, set by an init container (tests/kernel/test_prepare_node.py shows
+    # the daemon working with /proc/sys read-only once they are set).
+    (init,) = spec["initContainers"]
+    assert init["args"] == ["prepare-node"] and init["image"] == container["image"]
+    assert init["securityContext"] == {"privileged": True}
 
 
 def test_the_configmap_is_a_configuration_aproxy_accepts_without_warnings() -> None:
