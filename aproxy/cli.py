@@ -328,6 +328,11 @@ def _health_drained(operation: Operation, drained: set[tuple[VirtualServerKey, R
 def _run(args: argparse.Namespace) -> int:
     if args.cleanup:
         return _cleanup(args)
+    if args.exclude_cidrs:
+        log.info(
+            "--ipvs-exclude-cidrs: nothing to exclude, aproxy changes only the virtual servers it owns",
+            extra={"cidrs": ",".join(args.exclude_cidrs)},
+        )
     floors = period_floor_problems(
         {"audit_period": args.audit_period, "drain_check_period": args.drain_check_period}
     )

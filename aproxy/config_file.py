@@ -276,7 +276,7 @@ KUBE_PROXY_FIELDS: Final[Mapping[str, _Field]] = {
             "syncPeriod": _Field("duration", dest="sync_period", convert=_seconds),
             "minSyncPeriod": _Field("duration", dest="min_sync_period", convert=_seconds),
             "scheduler": _Field("str", dest="ipvs_scheduler", convert=_scheduler),
-            "excludeCIDRs": _unimplemented("strings", _NOT_YET, nullable=True),
+            "excludeCIDRs": _Field("strings", dest="exclude_cidrs", convert=_cidrs, nullable=True),
             "strictARP": _Field("bool", dest="strict_arp"),
             "tcpTimeout": _Field("duration", dest="ipvs_tcp_timeout", convert=_seconds),
             "tcpFinTimeout": _Field("duration", dest="ipvs_tcpfin_timeout", convert=_seconds),

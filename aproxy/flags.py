@@ -363,6 +363,15 @@ def add_kube_proxy_options(run: argparse.ArgumentParser) -> None:
             help=f"IPVS's timeout for {what}, set at start like `ipvsadm --set` (0, the default: unchanged)",
         )
     run.add_argument(
+        "--ipvs-exclude-cidrs",
+        dest="exclude_cidrs",
+        type=cidrs,
+        default=(),
+        metavar="CIDR[,CIDR]",
+        help="accepted for kube-proxy's sake, and nothing to do: kube-proxy needs it to spare other "
+        "programs' virtual servers, aproxy never changes a virtual server it does not own",
+    )
+    run.add_argument(
         "--proxy-mode", choices=["ipvs"], default="ipvs", help="kube-proxy's mode: only ipvs (the default)"
     )
     run.add_argument(

@@ -153,10 +153,10 @@ def test_an_unreadable_file_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_unimplemented_fields_are_logged_warnings(
     tmp_path: Path, started: list[Settings], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = kubeadm(tmp_path, ipvs__excludeCIDRs=["10.0.0.0/8"], conntrack__maxPerCore=32768)
+    config = kubeadm(tmp_path, oomScoreAdj=-999, conntrack__maxPerCore=32768)
     assert cli.main(["run", "--config", config, "--node-name", "n"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("level=warning")]
-    assert any("ipvs.excludeCIDRs=['10.0.0.0/8'] is ignored: not implemented yet" in w for w in warnings)
+    assert any("oomScoreAdj=-999 is ignored" in w for w in warnings)
     assert any("conntrack.maxPerCore=32768 is ignored" in w for w in warnings)
     assert len(started) == 1
 
@@ -193,3 +193,12 @@ def test_an_ipvs_timeout_out_of_range_is_exit_2(capsys: pytest.CaptureFixture[st
     code = cli.main(["run", "--source", "x.yaml", "--node-name", "n", "--ipvs-tcp-timeout", "1000000h"])
     assert code == cli.EXIT_USAGE
     assert "aproxy run: --ipvs-*-timeout: IPVS tcp timeout 3.6e+09s out of range" in capsys.readouterr().err
+
+
+def test_ipvs_exclude_cidrs_is_accepted_and_says_there_is_nothing_to_exclude(
+    started: list[Settings], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["run", "--source", "x.yaml", "--node-name", "n", "--ipvs-exclude-cidrs", "10.0.0.0/8,fd00::/8"]
+    assert cli.main(argv) == 0
+    assert len(started) == 1
+    assert "nothing to exclude" in capsys.readouterr().err

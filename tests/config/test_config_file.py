@@ -94,7 +94,6 @@ def test_implemented_fields_take_effect() -> None:
 @pytest.mark.parametrize(
     ("path", "value", "named"),
     [
-        ("ipvs.excludeCIDRs", ["10.0.0.0/8"], "ipvs.excludeCIDRs=['10.0.0.0/8'] is ignored: not implemented"),
         ("conntrack.maxPerCore", 32768, "conntrack.maxPerCore=32768 is ignored"),
         ("conntrack.tcpEstablishedTimeout", "24h0m0s", "conntrack.tcpEstablishedTimeout=24h0m0s is ignored"),
         ("oomScoreAdj", -999, "oomScoreAdj=-999 is ignored"),
@@ -117,6 +116,13 @@ def test_node_port_addresses_take_effect(value: list[str]) -> None:
     config = parse(with_field("nodePortAddresses", value))
     assert config.warnings == ()
     assert config.values["nodeport_addresses"] == tuple(value)
+
+
+def test_exclude_cidrs_are_accepted_without_a_warning() -> None:
+    # kube-proxy needs them to spare other programs' virtual servers; aproxy never touches those anyway.
+    config = parse(with_field("ipvs.excludeCIDRs", ["10.0.0.0/8"]))
+    assert config.warnings == ()
+    assert config.values["exclude_cidrs"] == ("10.0.0.0/8",)
 
 
 def test_fields_of_other_modes_are_accepted_silently() -> None:
