@@ -224,7 +224,6 @@ def _unimplemented(kind: Kind, why: str, *, nullable: bool = False) -> _Field:
     return _Field(kind, unimplemented=why, nullable=nullable)
 
 
-_NOT_YET = "not implemented yet"
 _CONNTRACK = "aproxy leaves the conntrack table's size and timeouts as they are"
 
 KUBE_PROXY_FIELDS: Final[Mapping[str, _Field]] = {
