@@ -339,6 +339,14 @@ async def cleanup() -> None:
     await asyncio.to_thread(subprocess.run, command, check=True, cwd=ROOT)
 
 
+def results_of(cold: list[ColdStart], rates: list[RateResult]) -> dict[str, Any]:
+    return {"cold_starts": [asdict(c) for c in cold], "rates": [asdict(r) for r in rates]}
+
+
+def save(path: Path, cold: list[ColdStart], rates: list[RateResult]) -> None:
+    path.write_text(json.dumps(results_of(cold, rates)))
+
+
 async def measure(args: argparse.Namespace, say: Narration, family_id: int) -> dict[str, Any]:
     from tests.fakeapi.server import FakeApiServer
 
@@ -381,13 +389,15 @@ async def measure(args: argparse.Namespace, say: Narration, family_id: int) -> d
                     cpu_per_1000=(aproxy.cpu_seconds() - cpu) * 1000 / max(changes, 1),
                 )
                 rates.append(result)
+                save(args.in_guest, cold, rates)  # kept if a later step dies (out of memory, say)
                 say(f"    {describe(result)}")
             cold.append(ColdStart(services, empty, restart, operations, aproxy.peak_rss_mb()))
+            save(args.in_guest, cold, rates)
             aproxy.stop()
         finally:
             await api.stop()
     await cleanup()
-    return {"cold_starts": [asdict(c) for c in cold], "rates": [asdict(r) for r in rates]}
+    return results_of(cold, rates)
 
 
 def describe(result: RateResult) -> str:
@@ -484,14 +494,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         narration = ["--narration", str(run_dir / "narration.log")]
         return [python, str(Path(__file__).resolve()), *forwarded, "--in-guest", str(RESULTS), *narration]
 
+    RESULTS.unlink(missing_ok=True)
     run = guest.run_program(settings, program)
-    if run.error is not None or run.exit_code != 0:
+    failed = run.error is not None or run.exit_code != 0
+    if failed:
         print(f"bench/e2e.py: the guest run failed ({run.error or run.exit_code}); logs in {run.run_dir}")
+    if not RESULTS.exists():
         return 1
-    results = json.loads(RESULTS.read_text())
+    results = json.loads(RESULTS.read_text())  # what was measured before a failure too
     report(results)
     plot(results)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
