@@ -2,8 +2,9 @@
 
 Success is a completed handshake; failure is a refusal (RST to the SYN), a reset, an unreachable network or
 host, or no answer within the timeout. Each check is a socket, a writer callback and a timer handle on the
-event loop: no task, no future, no stream objects (``asyncio.open_connection`` plus a close costs about
-113 us of CPU with the accepting side; this path a fraction of it, see docs/benchmarks.md).
+event loop: no task, no future, no stream objects. Measured on loopback (docs/benchmarks.md, bench/health.py)
+this is not yet cheaper than ``asyncio.open_connection`` plus a close: about 90 us of CPU per check, most of
+it the kernel's handshake inside ``connect()``; the issue's CPU and lateness targets are missed.
 
 Every probe socket has ``SO_LINGER`` on with a zero timeout, so ``close()`` aborts the connection with an RST
 instead of the FIN handshake: the node keeps no TIME_WAIT socket per check (HAProxy closes its checks the
