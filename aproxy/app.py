@@ -45,7 +45,7 @@ from aproxy.core.changes import ChangeTracker
 from aproxy.core.debounce import SyncScheduler
 from aproxy.core.drain import DrainClock
 from aproxy.core.health_ports import HealthPortTable
-from aproxy.core.latency import ProgrammingLatency, slice_service, trigger_time
+from aproxy.core.latency import ProgrammingLatency, service_key, slice_service, trigger_time
 from aproxy.core.model import IPAddress, ServiceKey
 from aproxy.core.node_addresses import NodePortAddresses
 from aproxy.core.translate import TranslationContext
@@ -97,9 +97,7 @@ class _Intake:
     def upsert_service(self, raw: dict[str, Any]) -> bool:
         dirty = self._nudge(self._tracker.upsert_service(raw))
         # A Service has no trigger stamp: its arrival, once listing is over (the list's are not changes).
-        if dirty and self._tracker.initialized:
-            metadata = raw.get("metadata") or {}
-            key = ServiceKey(str(metadata.get("namespace", "")), str(metadata.get("name", "")))
+        if dirty and self._tracker.initialized and (key := service_key(raw)) is not None:
             self._latency.record(key, time.time())
         return dirty
 

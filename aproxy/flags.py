@@ -429,6 +429,5 @@ def kube_proxy_ipvs_settings(args: argparse.Namespace, ipvs: IPVSSettings) -> IP
         timeouts = IPVSTimeouts(args.ipvs_tcp_timeout, args.ipvs_tcpfin_timeout, args.ipvs_udp_timeout)
     except ValueError as exc:
         raise SettingsError(f"--ipvs-*-timeout: {exc}") from None
-    changes: dict[str, object] = {"timeouts": timeouts}
     # masqueradeAll, clusterCIDR, strictARP and nodePortAddresses set the flags' own options: ipvs_settings.
-    return dataclasses.replace(ipvs, **changes)  # type: ignore[arg-type]
+    return dataclasses.replace(ipvs, timeouts=timeouts)

@@ -41,6 +41,17 @@ def trigger_time(raw: Mapping[str, Any]) -> float | None:
     return stamp.timestamp() if stamp.tzinfo is not None else None
 
 
+def service_key(raw: Mapping[str, Any]) -> ServiceKey | None:
+    """A Service's own key (its namespace and name), or None when the object does not carry them."""
+    metadata = raw.get("metadata")
+    if not isinstance(metadata, dict):
+        return None
+    namespace, name = metadata.get("namespace"), metadata.get("name")
+    if isinstance(namespace, str) and namespace and isinstance(name, str) and name:
+        return ServiceKey(namespace, name)
+    return None
+
+
 def slice_service(raw: Mapping[str, Any]) -> ServiceKey | None:
     """The service an EndpointSlice belongs to (its namespace and service-name label)."""
     metadata = raw.get("metadata")

@@ -11,6 +11,7 @@ from aproxy.core.latency import (
     MAX_PENDING_PER_SERVICE,
     TRIGGER_ANNOTATION,
     ProgrammingLatency,
+    service_key,
     slice_service,
     trigger_time,
 )
@@ -42,6 +43,13 @@ def raw_slice(annotation: object = None, **metadata: Any) -> dict[str, Any]:
 )
 def test_trigger_time(annotation: object, expected: float | None) -> None:
     assert trigger_time(raw_slice(annotation)) == expected
+
+
+def test_service_key() -> None:
+    assert service_key({"metadata": {"namespace": "shop", "name": "web"}}) == WEB
+    assert service_key({"metadata": {"namespace": "shop"}}) is None
+    assert service_key({"metadata": ["not", "a", "mapping"]}) is None
+    assert service_key({}) is None
 
 
 def test_slice_service() -> None:
