@@ -19,6 +19,7 @@ from aproxy.core.model import ServiceKey
 from aproxy.sources.base import ListedKind, ObjectSink, Source
 from aproxy.sources.file import FileSource
 from aproxy.sources.file_watch import WatchedPaths
+from tests.sources.calls import CallLog
 
 T = TypeVar("T")
 TIMEOUT = 20.0  # seconds; a bound against hanging, never an assertion
@@ -29,13 +30,10 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 @dataclass
-class RecordingSink:
+class RecordingSink(CallLog):
     """Records every call as (method, "namespace/name" or kind); keeps the last raw object fed per name."""
 
-    calls: list[tuple[str, str]] = field(default_factory=list)
     objects: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Set on every call, so a test can wait for the calls it expects without polling.
-    called: asyncio.Event = field(default_factory=asyncio.Event)
 
     def upsert_service(self, raw: dict[str, Any]) -> None:
         self._upsert("upsert_service", raw)
@@ -52,23 +50,10 @@ class RecordingSink:
     def mark_listed(self, kind: ListedKind) -> None:
         self._record("mark_listed", kind)
 
-    def take(self) -> list[tuple[str, str]]:
-        calls, self.calls = self.calls, []
-        return calls
-
     def _upsert(self, method: str, raw: dict[str, Any]) -> None:
         name = f"{raw['metadata']['namespace']}/{raw['metadata']['name']}"
         self.objects[name] = raw
         self._record(method, name)
-
-    def _record(self, method: str, subject: str) -> None:
-        self.calls.append((method, subject))
-        self.called.set()
-
-    async def until(self, condition: Callable[[], bool]) -> None:
-        while not condition():
-            self.called.clear()
-            await self.called.wait()
 
 
 def service(name: str, ip: str) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from aproxy.core.translate import TranslationContext
 from aproxy.sources.base import ListedKind, ObjectSink, Source
 from aproxy.sources.kube.watch import KubernetesSource, WatchLimits
 from tests.fakeapi.server import FakeApiServer
+from tests.sources.calls import CallLog
 
 Obj = dict[str, Any]
 TIMEOUT = 20.0  # seconds: a bound against hanging, never an assertion
@@ -81,14 +82,12 @@ def key(name: str) -> ServiceKey:
 
 
 @dataclass
-class RecordingSink:
+class RecordingSink(CallLog):
     """Forwards every call to a ChangeTracker and records it as (method, "namespace/name" or kind)."""
 
     tracker: ChangeTracker = field(default_factory=ChangeTracker)
-    calls: list[tuple[str, str]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)  # "kind ns/name" -> resourceVersion last fed
     objects: list[Obj] = field(default_factory=list)
-    called: asyncio.Event = field(default_factory=asyncio.Event)
 
     def upsert_service(self, raw: dict[str, Any]) -> None:
         self._upsert("upsert_service", raw)
@@ -113,25 +112,12 @@ class RecordingSink:
     def count(self, method: str, subject: str) -> int:
         return self.calls.count((method, subject))
 
-    def take(self) -> list[tuple[str, str]]:
-        calls, self.calls = self.calls, []
-        return calls
-
     def _upsert(self, method: str, raw: dict[str, Any]) -> None:
         meta = raw["metadata"]
         subject = f"{meta['namespace']}/{meta['name']}"
         self.versions[f"{method} {subject}"] = meta["resourceVersion"]
         self.objects.append(raw)
         self._record(method, subject)
-
-    def _record(self, method: str, subject: str) -> None:
-        self.calls.append((method, subject))
-        self.called.set()
-
-    async def until(self, condition: Callable[[], bool]) -> None:
-        while not condition():
-            self.called.clear()
-            await self.called.wait()
 
 
 def make_source(api: FakeApiServer, **options: Any) -> KubernetesSource:
