@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 
 import orjson
@@ -25,9 +24,9 @@ from aproxy.core.health_ports import HEADERS, HealthPortTable, answer
 from aproxy.web.server import (
     HEADER_TIMEOUT,
     MAX_CONNECTIONS,
-    SHUTDOWN_TIMEOUT,
-    _BoundedServer,
-    _RequestErrors,
+    BindError,
+    RequestErrors,
+    listen_bounded,
 )
 
 log = logging.getLogger(__name__)
@@ -44,7 +43,7 @@ class HealthCheckListeners:
         self._host = host  # None: every address, both families
         self._runners: dict[int, web.BaseRunner] = {}
         self._changed = asyncio.Event()
-        self._request_errors = _RequestErrors(log)
+        self._request_errors = RequestErrors(log)
         self.bind_failures = 0
         table.on_change = self._changed.set
 
@@ -77,22 +76,18 @@ class HealthCheckListeners:
             await runner.cleanup()
 
     async def _open(self, port: int) -> None:
-        server = _BoundedServer(
-            lambda request: self._probe(port),
-            max_connections=MAX_CONNECTIONS,
-            keepalive_timeout=HEADER_TIMEOUT,
-            access_log=None,
-            logger=self._request_errors,
-        )
-        runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT)
-        await runner.setup()
         try:
-            await web.TCPSite(runner, self._host, port).start()
-        except OSError as exc:
-            await runner.cleanup()
+            runner = await listen_bounded(
+                lambda request: self._probe(port),
+                self._host,
+                port,
+                max_connections=MAX_CONNECTIONS,
+                header_timeout=HEADER_TIMEOUT,
+                logger=self._request_errors,
+            )
+        except BindError as exc:
             self.bind_failures += 1
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            log.error("cannot listen on a health-check node port", extra={"port": port, "error": reason})
+            log.error("cannot listen on a health-check node port", extra={"port": port, "error": exc.reason})
             return
         self._runners[port] = runner
         log.info("health-check node port open", extra={"port": port})

@@ -127,7 +127,7 @@ class WebServer:
         self._header_timeout = header_timeout
         self._max_connections = max_connections
         self._runners: list[web.BaseRunner] = []
-        self._request_errors = _RequestErrors(log)
+        self._request_errors = RequestErrors(log)
         # The ports actually bound (they differ from the settings when those ask for port 0).
         self.healthz_port: int | None = None
         self.metrics_port: int | None = None
@@ -194,25 +194,18 @@ class WebServer:
 
     async def _listen(self, name: str, address: ListenAddress, routes: _Routes) -> int:
         """Serve ``routes`` on ``address``; return the port bound."""
-        server = _BoundedServer(
-            _router(routes),
-            max_connections=self._max_connections,
-            # aiohttp closes a connection that has not sent a whole request this long after it opened or
-            # after its last response: the header timeout, and the idle keep-alive timeout.
-            keepalive_timeout=self._header_timeout,
-            access_log=None,
-            logger=self._request_errors,
-        )
-        # A short shutdown: probes hold keep-alive connections, and SIGTERM must not wait a minute for them.
-        runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT)
-        await runner.setup()
-        self._runners.append(runner)
         try:
-            await web.TCPSite(runner, address.host, address.port).start()
-        except OSError as exc:
-            # asyncio's own text repeats the address: the errno's is enough.
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ListenError(name, address, reason) from exc
+            runner = await listen_bounded(
+                _router(routes),
+                address.host,
+                address.port,
+                max_connections=self._max_connections,
+                header_timeout=self._header_timeout,
+                logger=self._request_errors,
+            )
+        except BindError as exc:
+            raise ListenError(name, address, exc.reason) from exc
+        self._runners.append(runner)
         port: int = runner.addresses[-1][1]
         return port
 
@@ -233,6 +226,47 @@ def _router(routes: _Routes) -> Callable[[web.BaseRequest], Awaitable[web.Stream
         return await handler()
 
     return route
+
+
+class BindError(OSError):
+    """``listen_bounded`` could not bind; ``reason`` is the errno's text."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def listen_bounded(
+    handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]],
+    host: str | None,  # None: every address
+    port: int,
+    *,
+    max_connections: int,
+    header_timeout: float,
+    logger: RequestErrors,
+) -> web.ServerRunner:
+    """One listener built for hostile clients (see the module docstring): the header timeout, the connection
+    cap, malformed requests counted by ``logger``. Returns its runner (clean it up to close); raises
+    BindError, with nothing left open, when the address cannot be bound."""
+    server = _BoundedServer(
+        handler,
+        max_connections=max_connections,
+        # aiohttp closes a connection that has not sent a whole request this long after it opened or after
+        # its last response: the header timeout, and the idle keep-alive timeout.
+        keepalive_timeout=header_timeout,
+        access_log=None,
+        logger=logger,
+    )
+    # A short shutdown: probes hold keep-alive connections, and SIGTERM must not wait a minute for them.
+    runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        # asyncio's own text repeats the address: the errno's is enough.
+        raise BindError(os.strerror(exc.errno) if exc.errno else str(exc)) from exc
+    return runner
 
 
 class _BoundedServer(web.Server):
@@ -257,7 +291,7 @@ class _BoundedServer(web.Server):
         super().connection_lost(handler, exc)
 
 
-class _RequestErrors(logging.LoggerAdapter[logging.Logger]):
+class RequestErrors(logging.LoggerAdapter[logging.Logger]):
     """aiohttp's request logger: a malformed request (which aiohttp logs at ERROR with a traceback) becomes
     one DEBUG line and a count; any other exception is a bug of ours and keeps its traceback."""
 
