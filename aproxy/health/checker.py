@@ -6,7 +6,9 @@
   counters of the dumps aproxy already makes: ``UsageSource``) plus any that are unhealthy.
 - Schedule: a new target's first check is at a uniformly random point of its interval, so checks are spread
   over the interval; each next one is an interval later with +-10% jitter, counted from when it was due (not
-  from when it ran: lateness does not accumulate). One heap, one timer: no task per target.
+  from when it ran: lateness does not accumulate). A timer wheel of 5 ms slots, one timer: no task, heap item
+  or timer handle per check; a slot starts once it has ended, so a check is never early and at most one slot
+  late by design.
 - Budget: at most ``concurrency`` checks in flight, and at most ``max_rate`` started per second: when the
   targets need more (sum of 1/interval), every interval is stretched by the same ratio (never a burst);
   ``stats.stretch_ratio`` says by how much.
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import logging
 import random
 import time
@@ -41,8 +42,8 @@ JITTER: Final = 0.1  # each next check: one interval +- 10%
 # How long the checker sleeps at most: new targets (a sync translated new endpoints) are seen this soon.
 _POLL: Final = 0.5
 _USED_REFRESH: Final = 10.0  # scope "used": how often the used addresses are re-read
-# Checks falling due within this of each other start in one wake-up: 5,000 checks/s cost 200 wake-ups, not
-# 5,000 (each a timer and a task switch), for at most this much lateness.
+# The wheel's slot: checks falling due within one slot start in one wake-up: 5,000 checks/s cost 200
+# wake-ups, not 5,000 (each a timer and a task switch), for at most this much lateness.
 _TICK: Final = 0.005
 _LOGGED_SERVICES: Final = 10
 
@@ -69,12 +70,18 @@ class HealthStats:
     targets: int = 0
 
 
-@dataclass(slots=True)
 class _Entry:
-    sockaddr: tuple[str, int]
-    interval: float
-    due: float
-    inflight: bool = False
+    """One checked target: where to connect, how often, when next. The prober's key for its checks."""
+
+    __slots__ = ("due", "inflight", "interval", "live", "sockaddr", "target")
+
+    def __init__(self, target: CheckTarget, interval: float, due: float) -> None:
+        self.target = target
+        self.sockaddr = (str(target.address), target.port)
+        self.interval = interval
+        self.due = due
+        self.inflight = False
+        self.live = True  # False once the target is no longer checked: its wheel slot is skipped
 
 
 class HealthChecker:
@@ -102,36 +109,58 @@ class HealthChecker:
         self._duration = duration
         self._lateness = lateness
         self._rng = rng or random.Random()
+        self._random = self._rng.random
         self._entries: dict[CheckTarget, _Entry] = {}
-        self._heap: list[tuple[float, int, CheckTarget]] = []
-        self._seq = itertools.count()
+        # The timer wheel: slot n holds the entries due in [n * _TICK, (n + 1) * _TICK); _slots is a heap of
+        # the slot numbers in use.
+        self._wheel: dict[int, list[_Entry]] = {}
+        self._slots: list[int] = []
         self._generation = -1
         self._next_refresh = 0.0
-        self._wake = asyncio.Event()
-        self._prober: Prober | None = None
+        self._prober: Prober[_Entry] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.Handle | None = None
+        self._stopped: asyncio.Future[None] | None = None
 
     async def run(self) -> None:
-        """Check, forever (until cancelled)."""
+        """Check, forever (until cancelled); an error in a wake-up ends it (raised here)."""
         loop = self._loop = asyncio.get_running_loop()
-        prober = self._prober = Prober(self.settings.timeout)
+        self._prober = Prober[_Entry](self.settings.timeout)
+        self._stopped = loop.create_future()
+        # The wake-ups are timer callbacks, not a coroutine awaiting a timeout: a wake-up starts a whole slot
+        # of checks, and a coroutine's timeout context, event and future per wake-up cost more than the
+        # checks' own bookkeeping (bench/health.py).
+        self._timer = loop.call_soon(self._tick)
         try:
-            while True:
-                now = loop.time()
-                if self.view.generation != self._generation or now >= self._next_refresh:
-                    self._refresh(now)
-                self._start_due(prober, now)
-                deadline = now + _POLL
-                if self._heap and prober.inflight < self.settings.concurrency:
-                    deadline = max(min(deadline, self._heap[0][0]), now + _TICK)
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+            await self._stopped
         finally:
-            prober.close()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._prober.close()
+
+    def _tick(self) -> None:
+        assert self._loop is not None and self._prober is not None and self._stopped is not None
+        self._timer = None
+        try:
+            now = self._loop.time()
+            if self.view.generation != self._generation or now >= self._next_refresh:
+                self._refresh(now)
+            self._start_due(self._prober, now)
+            deadline = now + _POLL  # new targets (the view's generation) are seen this soon
+            if self._slots and self._prober.inflight < self.settings.concurrency:
+                # When the first slot in use has ended (never before now: a float's rounding at a slot's
+                # edge must not spin the loop). At the concurrency limit, a check's end wakes it instead.
+                deadline = max(min(deadline, (self._slots[0] + 1) * _TICK), now + _TICK / 10)
+            self._timer = self._loop.call_at(deadline, self._tick)
+        except Exception as exc:  # a bug: handed to run(), which raises it into the daemon's TaskGroup
+            if not self._stopped.done():
+                self._stopped.set_exception(exc)
+
+    def _wake_now(self) -> None:
+        """Start the next wake-up at once (a check slot freed up while the loop waited for one)."""
+        if self._timer is not None and self._loop is not None:
+            self._timer.cancel()
+            self._timer = self._loop.call_soon(self._tick)
 
     # --- scheduling ----------------------------------------------------------------------------------------
 
@@ -147,7 +176,7 @@ class HealthChecker:
         self.stats.stretch_ratio = stretch
         self.stats.targets = len(targets)
         for target in [t for t in self._entries if t not in targets]:
-            del self._entries[target]
+            self._entries.pop(target).live = False
             self.book.forget(target)
         for target, interval in targets.items():
             effective = interval * stretch
@@ -155,50 +184,61 @@ class HealthChecker:
             if entry is not None:
                 entry.interval = effective
                 continue
-            due = now + self._rng.uniform(0.0, effective)  # spread over the interval
-            self._entries[target] = _Entry((str(target.address), target.port), effective, due)
-            heapq.heappush(self._heap, (due, next(self._seq), target))
-        if len(self._heap) > 2 * len(self._entries) + 64:
-            # Stale heap items (removed targets) pile up under churn: rebuild from the live entries.
-            self._heap = [(e.due, next(self._seq), t) for t, e in self._entries.items()]
-            heapq.heapify(self._heap)
+            # A new target's first check: at a random point of its interval, so checks are spread over it.
+            entry = self._entries[target] = _Entry(target, effective, now + self._rng.uniform(0.0, effective))
+            self._file(entry)
 
-    def _start_due(self, prober: Prober, now: float) -> None:
-        heap, entries, limit = self._heap, self._entries, self.settings.concurrency
-        while heap and heap[0][0] <= now and prober.inflight < limit:
-            due, _, target = heapq.heappop(heap)
-            entry = entries.get(target)
-            if entry is None or entry.due != due:
-                continue  # removed, or rescheduled: a stale item
-            following = due + entry.interval * (1.0 + self._rng.uniform(-JITTER, JITTER))
-            if following <= now:
-                following = now + entry.interval * self._rng.uniform(0.5, 1.0)  # far behind: spread again
-            entry.due = following
-            heapq.heappush(heap, (following, next(self._seq), target))
-            if entry.inflight:
-                continue  # the previous check of this target has not ended (timeout >= interval)
-            if self._lateness is not None:
-                self._lateness.observe(now - due)
-            entry.inflight = True
-            prober.start(target, entry.sockaddr, self._done)
+    def _file(self, entry: _Entry) -> None:
+        slot = int(entry.due / _TICK)
+        entries = self._wheel.get(slot)
+        if entries is None:
+            self._wheel[slot] = [entry]
+            heapq.heappush(self._slots, slot)
+        else:
+            entries.append(entry)
+
+    def _start_due(self, prober: Prober[_Entry], now: float) -> None:
+        """Start the checks of every slot that has ended (never early; at most one tick late, by design)."""
+        wheel, slots, limit, random_ = self._wheel, self._slots, self.settings.concurrency, self._random
+        current = int(now / _TICK)
+        while slots and slots[0] < current:
+            entries = wheel[slots[0]]
+            while entries:
+                if prober.inflight >= limit:
+                    return  # the rest of the slot waits for a check to end
+                entry = entries.pop()
+                if not entry.live:
+                    continue  # no longer checked: dropped here, its one slot
+                due = entry.due
+                following = due + entry.interval * (1.0 + JITTER * (2.0 * random_() - 1.0))
+                if following <= now:
+                    following = now + entry.interval * (0.5 + 0.5 * random_())  # far behind: spread again
+                entry.due = following
+                self._file(entry)
+                if entry.inflight:
+                    continue  # the previous check of this target has not ended (timeout >= interval)
+                if self._lateness is not None:
+                    self._lateness.observe(now - due)
+                entry.inflight = True
+                prober.start(entry, entry.sockaddr, self._done)
+            del wheel[heapq.heappop(slots)]
 
     # --- results -------------------------------------------------------------------------------------------
 
-    def _done(self, target: CheckTarget, result: str, seconds: float) -> None:
+    def _done(self, entry: _Entry, result: str, seconds: float) -> None:
         self.stats.checks[result] += 1
         if self._duration is not None:
             self._duration.observe(seconds)
         if self._prober is not None and self._prober.inflight == self.settings.concurrency - 1:
-            self._wake.set()  # a slot is free and the loop may be waiting for one
-        entry = self._entries.get(target)
-        if entry is None:
-            return  # no longer checked: its endpoint went away while the check ran
+            self._wake_now()  # a slot is free and the loop may be waiting for one
         entry.inflight = False
-        if result == ERROR:
-            return  # the node's own trouble (no descriptors, ports, buffers): not the backend's
+        if not entry.live or result == ERROR:
+            # No longer checked (its endpoint went away while the check ran), or the node's own trouble (no
+            # descriptors, ports, buffers): nothing to say about the backend.
+            return
         assert self._loop is not None
         outcome = Result.SUCCESS if result == OK else Result.FAILURE
-        transition = self.book.record(target, outcome, self._loop.time(), result)
+        transition = self.book.record(entry.target, outcome, self._loop.time(), result)
         if transition is not None:
             self._transition(transition)
 

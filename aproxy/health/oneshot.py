@@ -21,20 +21,26 @@ async def judge_once(
 ) -> frozenset[CheckTarget]:
     """The targets that failed ``settings.fall`` checks in a row (a node-side error counts as no answer)."""
     book = HealthBook(fall=settings.fall, rise=settings.rise)
-    prober = Prober(settings.timeout)
+    prober = Prober[CheckTarget](settings.timeout)
     loop = asyncio.get_running_loop()
     pending = list(targets)
-    for _ in range(settings.fall):
-        if not pending:
-            break
-        for target, result in (await _round(prober, pending, settings.concurrency)).items():
-            if result != ERROR:
-                book.record(target, Result.SUCCESS if result == OK else Result.FAILURE, loop.time(), result)
-        pending = [t for t in pending if book.state(t) is Health.UNKNOWN]
+    try:
+        for _ in range(settings.fall):
+            if not pending:
+                break
+            for target, result in (await _round(prober, pending, settings.concurrency)).items():
+                if result != ERROR:
+                    outcome = Result.SUCCESS if result == OK else Result.FAILURE
+                    book.record(target, outcome, loop.time(), result)
+            pending = [t for t in pending if book.state(t) is Health.UNKNOWN]
+    finally:
+        prober.close()
     return frozenset(t for t in targets if book.state(t) is Health.UNHEALTHY)
 
 
-async def _round(prober: Prober, targets: Sequence[CheckTarget], concurrency: int) -> dict[CheckTarget, str]:
+async def _round(
+    prober: Prober[CheckTarget], targets: Sequence[CheckTarget], concurrency: int
+) -> dict[CheckTarget, str]:
     """One check of each target; their results."""
     results: dict[CheckTarget, str] = {}
     slot = asyncio.Event()

@@ -1,10 +1,21 @@
 """One TCP health check: a non-blocking connect on the running loop, closed with an RST.
 
 Success is a completed handshake; failure is a refusal (RST to the SYN), a reset, an unreachable network or
-host, or no answer within the timeout. Each check is a socket, a writer callback and a timer handle on the
-event loop: no task, no future, no stream objects. Measured on loopback (docs/benchmarks.md, bench/health.py)
-this is not yet cheaper than ``asyncio.open_connection`` plus a close: about 90 us of CPU per check, most of
-it the kernel's handshake inside ``connect()``; the issue's CPU and lateness targets are missed.
+host, or no answer within the timeout.
+
+What a check costs is what bench/health.py measures (docs/benchmarks.md), so each one is kept to its system
+calls and a few dictionary operations: no task, no future, no stream objects, and nothing per check on the
+event loop itself.
+
+- The sockets are ``_socket.socket``, the C type under ``socket.socket``: its Python wrapper's constructor
+  and ``close()`` are a few microseconds a check that nothing here uses.
+- A connect whose handshake is already done when ``connect()`` returns (on loopback and to a pod on this node
+  the kernel runs the whole handshake inside the call) is judged at once from ``TCP_INFO``: no readiness wait.
+- The others wait in one ``epoll`` set of the prober's own, which the loop watches as a single reader: one
+  ``epoll_wait`` collects every connect that finished since the last wake-up (a per-socket ``add_writer``
+  costs a loop handle and two ``epoll_ctl`` calls per check). Closing a socket drops it from the set.
+- Timeouts: every check has the same timeout, so deadlines come in start order: a FIFO and one timer for its
+  head replace a timer handle per check.
 
 Every probe socket has ``SO_LINGER`` on with a zero timeout, so ``close()`` aborts the connection with an RST
 instead of the FIN handshake: the node keeps no TIME_WAIT socket per check (HAProxy closes its checks the
@@ -16,18 +27,22 @@ An error that is the node's own (out of file descriptors, buffers or ephemeral p
 
 from __future__ import annotations
 
+import _socket
 import asyncio
+import collections
 import errno
+import select
 import socket
 import struct
 import time
 from collections.abc import Callable
-from typing import Final
-
-from aproxy.core.verdicts import CheckTarget
+from typing import Final, Generic, TypeVar
 
 # struct linger {int l_onoff; int l_linger;}: on, 0 s = close() sends an RST and frees the socket at once.
 _LINGER_RST: Final = struct.pack("ii", 1, 0)
+# The first byte of struct tcp_info is the connection's state (include/net/tcp_states.h).
+_TCP_ESTABLISHED: Final = 1
+_TCP_CLOSE: Final = 7
 
 OK: Final = "ok"
 REFUSED: Final = "refused"
@@ -55,8 +70,8 @@ _BY_ERRNO: Final = {
     errno.EAGAIN: ERROR,
 }
 
-# (target, result, seconds from connect to answer)
-Done = Callable[[CheckTarget, str, float], None]
+# What the caller names a check by (the checker: its schedule entry; the one-shot judge: the target).
+K = TypeVar("K")
 
 
 def classify(code: int) -> str:
@@ -64,84 +79,117 @@ def classify(code: int) -> str:
     return OK if code == 0 else _BY_ERRNO.get(code, FAILED)
 
 
-class _Probe:
-    __slots__ = ("began", "done", "sock", "target", "timer")
+class _Probe(Generic[K]):
+    __slots__ = ("began", "deadline", "done", "key", "sock")
 
-    def __init__(self, target: CheckTarget, sock: socket.socket, began: float, done: Done) -> None:
-        self.target = target
+    def __init__(
+        self, key: K, sock: _socket.socket, began: float, done: Callable[[K, str, float], None]
+    ) -> None:
+        self.key = key
         self.sock = sock
         self.began = began
         self.done = done
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0
 
 
-class Prober:
-    """Starts checks on the running loop; each ends in exactly one ``done`` call, within ``timeout``."""
+class Prober(Generic[K]):
+    """Starts checks on the running loop; each ends in exactly one ``done(key, result, seconds)`` call,
+    within ``timeout`` (seconds: from the connect to the answer).
+
+    ``done`` may be called from inside ``start`` (a connect that was answered at once). ``close()`` when the
+    prober is no longer used: it holds an epoll descriptor.
+    """
 
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
         self._loop = asyncio.get_running_loop()
-        self._inflight: dict[int, _Probe] = {}
+        self._epoll: select.epoll | None = None
+        self._inflight: dict[int, _Probe[K]] = {}  # waiting for the handshake, by descriptor
+        self._deadlines: collections.deque[_Probe[K]] = collections.deque()  # in start order = deadline order
+        self._timer: asyncio.TimerHandle | None = None
 
     @property
     def inflight(self) -> int:
         return len(self._inflight)
 
-    def start(self, target: CheckTarget, sockaddr: tuple[str, int], done: Done) -> None:
-        """Connect to ``sockaddr`` (``target``'s address and port, as text and number)."""
+    def start(self, key: K, sockaddr: tuple[str, int], done: Callable[[K, str, float], None]) -> None:
+        """Connect to ``sockaddr`` (an address as text and a port)."""
         began = time.perf_counter()
-        family = socket.AF_INET6 if target.address.version == 6 else socket.AF_INET
+        family = socket.AF_INET6 if ":" in sockaddr[0] else socket.AF_INET
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
-            done(target, ERROR if exc.errno in _BY_ERRNO else FAILED, 0.0)
+            done(key, ERROR if exc.errno in _BY_ERRNO else FAILED, 0.0)
             return
-        probe = _Probe(target, sock, began, done)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
             code = sock.connect_ex(sockaddr)
+            if code == errno.EINPROGRESS:
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                if state == _TCP_ESTABLISHED:
+                    code = 0
+                elif state == _TCP_CLOSE:
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
+                else:
+                    self._wait(_Probe(key, sock, began, done))
+                    return
         except OSError as exc:
             code = exc.errno or errno.EINVAL
-        if code != errno.EINPROGRESS:
-            self._finish(probe, classify(code))
-            return
-        fd = sock.fileno()
-        self._inflight[fd] = probe
-        self._loop.add_writer(fd, self._writable, fd)
-        probe.timer = self._loop.call_later(self._timeout, self._expired, fd)
+        sock.close()  # SO_LINGER 0: an RST, no TIME_WAIT
+        done(key, classify(code), time.perf_counter() - began)
 
     def close(self) -> None:
         """Abort every check in flight (the daemon is stopping); their ``done`` is not called."""
-        for fd, probe in list(self._inflight.items()):
-            self._release(fd, probe)
+        for probe in self._inflight.values():
+            probe.sock.close()
+        self._inflight.clear()
+        self._deadlines.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._epoll is not None:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
 
-    def _writable(self, fd: int) -> None:
-        probe = self._inflight.get(fd)
-        if probe is None:
-            return
-        code = probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self._release(fd, probe)
-        self._report(probe, classify(code))
+    def _wait(self, probe: _Probe[K]) -> None:
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._loop.add_reader(self._epoll.fileno(), self._ready)
+        fd = probe.sock.fileno()
+        self._epoll.register(fd, select.EPOLLOUT)
+        self._inflight[fd] = probe
+        probe.deadline = self._loop.time() + self._timeout
+        self._deadlines.append(probe)
+        if self._timer is None:
+            self._timer = self._loop.call_at(probe.deadline, self._expire)
 
-    def _expired(self, fd: int) -> None:
-        probe = self._inflight.get(fd)
-        if probe is None:
-            return
-        probe.timer = None
-        self._release(fd, probe)
-        self._report(probe, TIMEOUT)
+    def _ready(self) -> None:
+        """The epoll set has finished connects: judge each by ``SO_ERROR``."""
+        assert self._epoll is not None
+        for fd, _events in self._epoll.poll(0):  # EPOLLOUT: connected; EPOLLERR/HUP: failed
+            probe = self._inflight.pop(fd, None)
+            if probe is None:
+                continue  # aborted by close() while its event was pending
+            code = probe.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self._end(probe, classify(code))
 
-    def _release(self, fd: int, probe: _Probe) -> None:
-        del self._inflight[fd]
-        self._loop.remove_writer(fd)
-        if probe.timer is not None:
-            probe.timer.cancel()
-        probe.sock.close()  # SO_LINGER 0: an RST, no TIME_WAIT
-
-    def _finish(self, probe: _Probe, result: str) -> None:
-        probe.sock.close()
-        self._report(probe, result)
+    def _expire(self) -> None:
+        """The oldest checks reached their deadline: those still waiting are timeouts."""
+        self._timer = None
+        deadlines, now = self._deadlines, self._loop.time()
+        while deadlines and deadlines[0].deadline <= now:
+            probe = deadlines.popleft()
+            if self._inflight.get(probe.sock.fileno()) is probe:
+                del self._inflight[probe.sock.fileno()]
+                self._end(probe, TIMEOUT)
+        # Probes that ended already (a closed socket's fileno() is -1) are dropped as they reach the head.
+        while deadlines and deadlines[0].sock.fileno() == -1:
+            deadlines.popleft()
+        if deadlines:
+            self._timer = self._loop.call_at(deadlines[0].deadline, self._expire)
 
     @staticmethod
-    def _report(probe: _Probe, result: str) -> None:
-        probe.done(probe.target, result, time.perf_counter() - probe.began)
+    def _end(probe: _Probe[K], result: str) -> None:
+        probe.sock.close()  # SO_LINGER 0: an RST, no TIME_WAIT; it leaves the epoll set with its descriptor
+        probe.done(probe.key, result, time.perf_counter() - probe.began)

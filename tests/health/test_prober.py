@@ -116,10 +116,11 @@ async def eventually(condition: Callable[[], bool], poll: float = 0.01) -> None:
 
 async def probe(target: RealServerKey, limit: float = 0.5) -> tuple[str, float]:
     answer: asyncio.Future[tuple[str, float]] = asyncio.get_running_loop().create_future()
-    prober = Prober(limit)
+    prober = Prober[RealServerKey](limit)
     prober.start(target, (str(target.address), target.port), lambda _t, r, s: answer.set_result((r, s)))
     result = await asyncio.wait_for(answer, STEP)
     assert prober.inflight == 0
+    prober.close()
     return result
 
 
