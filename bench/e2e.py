@@ -56,6 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from aproxy.core.model import L4Protocol, VirtualServerKey  # noqa: E402
 
 RESULTS = ROOT / "build" / "e2e" / "results.json"
+PROFILES = ROOT / "build" / "e2e"  # aproxy-<N>.prof with --profile
 PLOT = ROOT / "docs" / "e2e-latency.png"
 NODE_IP = "172.30.0.2"
 LATENCY_METRIC = "kubeproxy_network_programming_duration_seconds"
@@ -65,6 +66,11 @@ ROLLING_PODS = 100
 SAMPLES_PER_SECOND = 5  # driver-clock samples: each polls the kernel every POLL seconds
 POLL = 0.01
 MIN_SYNC_PERIOD = "1s"
+# User-mode Linux maps each guest page of a guest process into a host process on its own: a guest process of
+# a few hundred MB (the API server's objects at 10,000 services) needs more host mappings than the default
+# limit of 65,530, and the guest dies with "UML ran out of memory on the host side".
+MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
+NEEDED_MAP_COUNT = 1_048_576
 
 
 @dataclass
@@ -144,10 +150,12 @@ def free_address() -> str:
 class Aproxy:
     """``aproxy run`` against the fake API server, as its own process."""
 
-    def __init__(self, kubeconfig: Path, log: Path) -> None:
+    def __init__(self, kubeconfig: Path, log: Path, profile: Path | None = None) -> None:
         self.healthz, self.metrics_address = free_address(), free_address()
+        # --profile: the whole process under cProfile (its stats are written when SIGTERM stops it).
+        profiled = ("-m", "cProfile", "-o", str(profile)) if profile is not None else ()
         command = [
-            *(sys.executable, "-m", "aproxy.cli", "run", "--kubeconfig", str(kubeconfig)),
+            *(sys.executable, *profiled, "-m", "aproxy.cli", "run", "--kubeconfig", str(kubeconfig)),
             *("--node-name", "node-a", "--node-ip", NODE_IP, "--min-sync-period", MIN_SYNC_PERIOD),
             # The endpoints are addresses without pods: 100,000 failing probes would be measured, not syncs.
             "--no-health-checks",
@@ -231,7 +239,10 @@ def quantiles(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"p50": None, "p99": None, "max": None, "count": 0}
     ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
     return {"p50": pick(0.5), "p99": pick(0.99), "max": ordered[-1], "count": len(ordered)}
 
 
@@ -368,7 +379,8 @@ async def measure(args: argparse.Namespace, say: Narration, family_id: int) -> d
             empty = await aproxy.ready()
             aproxy.stop()
             say(f"  ready in {empty:.2f} s; restarting on the programmed kernel ...")
-            aproxy = Aproxy(kubeconfig, work / "aproxy.log")
+            profile = PROFILES / f"aproxy-{services}.prof" if args.profile else None
+            aproxy = Aproxy(kubeconfig, work / "aproxy.log", profile)
             restart = await aproxy.ready()
             operations = sum(v for _, v in (await aproxy.samples()).get("aproxy_ipvs_operations_total", []))
             say(f"  ready in {restart:.2f} s after {operations:g} IPVS operations")
@@ -462,6 +474,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--services", type=numbers, default=[1000, 10000])
     parser.add_argument("--rates", type=numbers, default=[10, 100, 1000])
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the restarted aproxy (the one the changes are measured on) under cProfile: "
+        "build/e2e/aproxy-<N>.prof (slower: for finding where time goes, not for the figures)",
+    )
     parser.add_argument("--in-guest", type=Path, metavar="RESULTS", help=argparse.SUPPRESS)
     parser.add_argument("--narration", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -483,11 +501,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason is not None:
         print(f"bench/e2e.py needs the user-mode Linux guest: {reason}", file=sys.stderr)
         return 77
+    mappings = int(MAX_MAP_COUNT.read_text())
+    if mappings < NEEDED_MAP_COUNT:
+        MAX_MAP_COUNT.write_text(str(NEEDED_MAP_COUNT))
+        print(f"vm.max_map_count raised from {mappings} to {NEEDED_MAP_COUNT} for the guest's big processes")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     python = str(ROOT / ".venv" / "bin" / "python")
     forwarded = [
         *("--services", ",".join(map(str, args.services)), "--rates", ",".join(map(str, args.rates))),
-        *("--seconds", str(args.seconds)),
+        *("--seconds", str(args.seconds), *(("--profile",) if args.profile else ())),
     ]
 
     def program(run_dir: Path) -> list[str]:
