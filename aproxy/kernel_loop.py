@@ -9,7 +9,9 @@ One loop runs the ``Syncer``'s passes one at a time, never overlapping:
 - audit, every ``audit_period`` once the initial sync is done;
 - drain check, every ``drain_check_period`` while anything drains.
 
-A due sync always goes first, so an audit or a drain check delays a sync by at most its own duration.
+A due sync always goes first. An audit and a round of drain checks run in slices (``Syncer.audit_slice``,
+``drain_slice``), one slice a pass, the next one due at once but after any due sync: at 10,000 services a
+whole audit reads the kernel for seconds, and a sync waits for at most one slice.
 
 A failed sync is retried after the ``RetryPolicy``'s backoff (aproxy/core/backoff.py: 1 s, 2 s, 4 s, ... at
 most 30 s by default), fed to the scheduler as its retry interval; the backoff starts over after a success.
@@ -107,6 +109,7 @@ class KernelLoop:
         self._needs_full = True  # the next sync is Syncer.start: the first one, or after a wholesale failure
         self._next_audit: float | None = None
         self._next_drain: float | None = None
+        self._audit_spent = 0.0  # the audit round so far: its slices' durations
 
     async def run(self, syncer: Syncer) -> None:
         """Run the passes, forever (until cancelled)."""
@@ -218,23 +221,33 @@ class KernelLoop:
         )
 
     async def _audit_pass(self, syncer: Syncer, now: float) -> None:
+        loop = asyncio.get_running_loop()
         began = time.perf_counter()
         report: SyncReport | None = None
         try:
-            report = await syncer.audit()
+            report = await syncer.audit_slice()
         except _WHOLESALE_FAILURES as exc:
             log.error("audit could not read the kernel", extra={"error": str(exc)})
-        self._audit_duration.observe(time.perf_counter() - began)
-        self._next_audit = asyncio.get_running_loop().time() + self._settings.audit_period
+            syncer.abandon_audit()
+        self._audit_spent += time.perf_counter() - began
+        if syncer.auditing:
+            self._next_audit = loop.time()  # the next slice: after any sync that is due
+        else:
+            self._audit_duration.observe(self._audit_spent)  # the round's time in the kernel loop
+            self._audit_spent = 0.0
+            self._next_audit = loop.time() + self._settings.audit_period
         self._after_repair("audit", syncer, report)
 
     async def _drain_pass(self, syncer: Syncer, now: float) -> None:
         report: SyncReport | None = None
         try:
-            report = await syncer.drain()
+            report = await syncer.drain_slice()
         except _WHOLESALE_FAILURES as exc:
             log.error("drain check could not reach the kernel", extra={"error": str(exc)})
-        self._next_drain = None  # re-armed by _after_pass while anything still drains
+            syncer.abandon_drain()
+        # The round's next slice at once (after any sync that is due); else re-armed by _after_pass while
+        # anything still drains.
+        self._next_drain = asyncio.get_running_loop().time() if syncer.draining_round else None
         self._after_repair("drain", syncer, report)
 
     def _after_repair(self, kind: str, syncer: Syncer, report: SyncReport | None) -> None:

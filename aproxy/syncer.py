@@ -6,8 +6,11 @@ Both the daemon's sync loop and ``aproxy sync`` drive this class: a one-shot syn
   plan the whole cluster once, apply.
 - ``sync()``: translate only the services the tracker marked dirty (plus those whose last sync failed), plan,
   apply, record what the kernel accepted. The cost grows with the change, not with the cluster.
-- ``audit()``: compare the kernel with the applied state and repair drift (someone ran ``ipvsadm -C``).
-- ``drain()``: delete the drained TCP real servers whose connections are gone or whose grace period is over.
+- ``audit_slice()``: compare the kernel with the applied state and repair drift (someone ran ``ipvsadm -C``),
+  one slice of virtual servers at a time (the kernel loop lets due syncs run between slices).
+- ``drain_slice()``: delete the drained TCP real servers whose connections are gone or whose grace period is
+  over, one slice of virtual servers at a time.
+``audit()`` and ``drain()`` run a whole round in one call.
 
 A failed operation leaves the applied state as it was; its service is retried on the next sync. An answer
 that says the applied state was wrong (EEXIST, ENOENT, ...) first re-reads the kernel for just that object
@@ -20,11 +23,12 @@ import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from errno import EBUSY
+from typing import Final
 
-from aproxy.backends.base import Backend, OperationResult, ServiceSets
+from aproxy.backends.base import Backend, NatRepair, OperationResult, ServiceSets
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.datapath import SetDelta, SetEntry, SetMembership, service_entries
 from aproxy.core.drain import DrainClock
@@ -48,6 +52,12 @@ from aproxy.core.translate import TranslationContext
 from aproxy.core.verdicts import HealthView
 
 log = logging.getLogger(__name__)
+
+# Virtual servers one slice of an audit reads the real servers of, and one slice of drain checks reads the
+# connections of: one netlink dump each, ~0.5 ms in the user-mode Linux guest, so a slice holds the kernel
+# loop for about 0.1 s, which is what a due sync may have to wait (bench/e2e.py).
+AUDIT_SLICE: Final = 200
+DRAIN_SLICE: Final = 200
 
 
 class NotStarted(RuntimeError):
@@ -115,6 +125,10 @@ class Syncer:
         # The service sets around IPVS (source NAT, source ranges, the service-IP filter), when the backend
         # keeps them: they follow the services, not the operations.
         self._sets = backend if isinstance(backend, ServiceSets) else None
+        self._nat = backend if isinstance(backend, NatRepair) else None
+        # The rounds in progress: what their next slices read (reversed: popped from the end).
+        self._audit_queue: list[VirtualServerKey] | None = None
+        self._drain_queue: list[VirtualServerKey] | None = None
         self._membership = SetMembership()
         # The health-check node ports the web side serves (they follow the services and their endpoints).
         self._health_ports = health_ports
@@ -153,6 +167,7 @@ class Syncer:
         self._planner = Planner(applied=await self._backend.dump())
         self._tracker.take_dirty()
         self._retry.clear()
+        self._audit_queue = self._drain_queue = None  # rounds begun on the old planner start over
         desired = desired_all(self._tracker, self._ctx, self._health)
         report = await self._execute("start", self._planner.plan_full(desired), len(desired))
         if self._health_ports is not None:
@@ -190,27 +205,102 @@ class Syncer:
                 await self._sets.update_services(SetDelta(tuple(added), tuple(removed)))
         return report
 
+    @property
+    def auditing(self) -> bool:
+        """An audit round has begun and has slices left (``audit_slice`` goes on with it)."""
+        return self._audit_queue is not None
+
+    @property
+    def draining_round(self) -> bool:
+        """A round of drain checks has begun and has slices left (``drain_slice`` goes on with it)."""
+        return self._drain_queue is not None
+
+    def abandon_audit(self) -> None:
+        """The kernel could not be read: the round ends here; the next audit starts a new one."""
+        self._audit_queue = None
+
+    def abandon_drain(self) -> None:
+        """The kernel could not be read: the round ends here; the next drain check starts a new one."""
+        self._drain_queue = None
+
     async def audit(self) -> SyncReport:
-        """Repair what differs between the kernel and the applied state; the only full comparison."""
-        plan = self.planner.repair(await self._backend.dump())
+        """A whole audit in one call (tests, bench/kernel.py): every slice in a row."""
+        results = list((await self.audit_slice()).results)
+        while self.auditing:
+            results += (await self.audit_slice()).results
+        return SyncReport("audit", tuple(results))
+
+    async def audit_slice(self) -> SyncReport:
+        """One slice of an audit: repair what differs between the kernel and the applied state.
+
+        A round's first slice reads the kernel's outline (its virtual servers with their specs, the bound
+        addresses: one dump) and repairs those that are missing, extra or changed; the next ones each read
+        the real servers of ``AUDIT_SLICE`` virtual servers and repair those; the last one repairs the sets
+        around IPVS. Each slice reads what it compares within its own pass, so syncs may run between slices:
+        at 10,000 virtual servers a whole audit holds the kernel for seconds, a slice for a fraction of one.
+        """
+        planner = self.planner
+        if self._audit_queue is None:
+            outline = await self._backend.outline()
+            keys, addresses = planner.outline_differences(outline)
+            self._audit_queue = sorted(
+                (key for key in outline.virtual_keys() if key not in keys), key=VirtualServerKey.sort_key
+            )
+            self._audit_queue.reverse()  # popped from the end: in key order
+            return await self._repair_among(keys, addresses)
+        if self._audit_queue:
+            chunk = [self._audit_queue.pop() for _ in range(min(AUDIT_SLICE, len(self._audit_queue)))]
+            return await self._repair_among(chunk, ())
+        self._audit_queue = None
+        if self._nat is not None:
+            await self._nat.repair_nat(planner.applied_state())
+        if self._sets is not None:
+            await self._sets.resync_services(self._membership.entries())
+        self.counters.passes["audit"] += 1  # a round is one audit
+        return SyncReport("audit")
+
+    async def _repair_among(
+        self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]
+    ) -> SyncReport:
+        if not keys and not addresses:
+            return SyncReport("audit")
+        plan = self.planner.repair_among(await self._backend.read(keys, addresses), keys, addresses)
         self.counters.audit_repairs += len(plan)
         if len(plan):
             log.warning("audit found drift", extra={"repairs": len(plan)})
-        report = await self._execute("audit", plan, 0)
-        if self._sets is not None:
-            await self._sets.resync_services(self._membership.entries())
-        return report
+        return await self._execute("audit", plan, 0, count=False)
 
     async def drain(self) -> SyncReport:
-        """Delete drained TCP real servers with no connections left, or past their grace period."""
+        """A whole round of drain checks in one call (tests): every slice in a row."""
+        results = list((await self.drain_slice()).results)
+        while self.draining_round:
+            results += (await self.drain_slice()).results
+        return SyncReport("drain", tuple(results))
+
+    async def drain_slice(self) -> SyncReport:
+        """Delete drained TCP real servers with no connections left, or past their grace period.
+
+        A round reads the connection counts of every virtual server that has draining real servers, one
+        request each, ``DRAIN_SLICE`` virtual servers per slice (syncs may run between slices: at 100
+        endpoint changes a second, 500 virtual servers drain at once).
+        """
         planner = self.planner
         now = self._clock()
         by_virtual: dict[VirtualServerKey, list[RealServerKey]] = defaultdict(list)
         for virtual, real in planner.draining():
             by_virtual[virtual].append(real)
+        # Every draining real server, each slice: the clock forgets the ones it is not shown.
         self._drain_clock.observe(((v, r) for v, reals in by_virtual.items() for r in reals), now)
+        if self._drain_queue is None:
+            self._drain_queue = sorted(by_virtual, key=VirtualServerKey.sort_key, reverse=True)
+        chunk = [self._drain_queue.pop() for _ in range(min(DRAIN_SLICE, len(self._drain_queue)))]
+        if not self._drain_queue:
+            self._drain_queue = None
         operations: list[Operation] = []
-        for virtual, reals in by_virtual.items():
+        for virtual in chunk:
+            reals = by_virtual.get(virtual)
+            if not reals:
+                continue  # no longer draining (restored, deleted) since the round began
             counts = await self._backend.connections(virtual)
             for real in reals:
                 conns = counts.get(real)
@@ -220,7 +310,8 @@ class Syncer:
                     operations.extend(planner.finish_drain(virtual, real))
         results = await self._backend.apply(operations) if operations else []
         self._record(results)
-        self.counters.passes["drain"] += 1
+        if self._drain_queue is None:
+            self.counters.passes["drain"] += 1  # a round is one drain check
         return SyncReport("drain", tuple(results))
 
     # --- internals -----------------------------------------------------------------------------------------
@@ -239,7 +330,7 @@ class Syncer:
             return self._health.apply(key, self._tracker.service(key), state)
         return state
 
-    async def _execute(self, kind: str, plan: Plan, services: int) -> SyncReport:
+    async def _execute(self, kind: str, plan: Plan, services: int, *, count: bool = True) -> SyncReport:
         log_skips(self._tracker.new_skips())
         if self._health is not None:
             log_fail_open(self._health)
@@ -255,7 +346,8 @@ class Syncer:
                 "kernel refused operation",
                 extra={**operation_to_dict(result.operation), "error": result.error},
             )
-        self.counters.passes[kind] += 1
+        if count:
+            self.counters.passes[kind] += 1
         return SyncReport(kind, tuple(results), services, failed_services)
 
     async def _apply_with_unbinds_last(self, operations: Sequence[Operation]) -> list[OperationResult]:

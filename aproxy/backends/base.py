@@ -82,6 +82,12 @@ class Backend(Protocol):
         """The state aproxy owns on this node (foreign virtual servers left out)."""
         ...
 
+    async def outline(self) -> IPVSState:
+        """The owned virtual servers with their specs, and the bound addresses, without real servers: one
+        dump of the virtual servers, where ``dump()`` also reads every one's real servers (the audit's first
+        slice; the next ones ``read()`` the real servers a slice at a time)."""
+        ...
+
     async def read(self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]) -> IPVSState:
         """The owned state of just these virtual servers (spec, real servers with weights) and these addresses
         (bound or not): what the sync loop reconciles after a state-mismatch answer, at the cost of the
@@ -95,6 +101,16 @@ class Backend(Protocol):
 
     async def connections(self, key: VirtualServerKey) -> Mapping[RealServerKey, RealServerConnections]:
         """The connection counts of the real servers of one owned virtual server (empty if it is gone)."""
+        ...
+
+
+@runtime_checkable
+class NatRepair(Protocol):
+    """A backend with source NAT around IPVS (chains, the hairpin and dummy-device sets), which ``dump()``
+    repairs at start-up: the audit, which reads the kernel in slices, asks for it at its end."""
+
+    async def repair_nat(self, state: IPVSState) -> None:
+        """Make the chains and the sets that follow IPVS match ``state`` (the IPVS state, as applied)."""
         ...
 
 

@@ -46,13 +46,11 @@ from aproxy.backends.pyroute2_thread import NetlinkThread
 from aproxy.backends.sysctl import apply_sysctls, wanted_sysctls
 from aproxy.core.datapath import SetDelta, SetEntry
 from aproxy.core.model import (
-    AddRealServer,
     AddVirtualServer,
     BindAddress,
     DeleteVirtualServer,
     IPAddress,
     Operation,
-    RealServer,
     RealServerKey,
     UnbindAddress,
     VirtualServerKey,
@@ -276,6 +274,15 @@ class IPVSBackend:
 
     async def dump(self) -> IPVSState:
         """The owned part of the kernel's IPVS state."""
+        state = await self.outline()
+        for key in list(state.virtual_keys()):
+            reals = {real: weight for real, weight, _conns in await self._dump_dests(key)}
+            state.replace_virtual(key, state.spec(key), reals)
+        # A dump is the start-up adoption: the time to repair the chains and the sets.
+        await self.repair_nat(state)
+        return state
+
+    async def outline(self) -> IPVSState:
         state = IPVSState()
         self._bound = await self._device_addresses()
         for address in self._bound:
@@ -283,16 +290,16 @@ class IPVSBackend:
         for key, spec in await self._dump_services():
             if self._owns(key):
                 state.apply(AddVirtualServer(key, spec))
-                for real, weight, _conns in await self._dump_dests(key):
-                    state.apply(AddRealServer(key, RealServer(real.address, real.port, weight)))
-        if self._masquerade is not None:
-            # A dump is the start-up adoption and the audit: the time to repair the chains and the set.
-            try:
-                await self._masquerade.ensure()
-                await self._masquerade.resync(state)
-            except MasqueradeError as exc:
-                log.error("source NAT repair failed", extra={"error": str(exc)})  # IPVS state still good
         return state
+
+    async def repair_nat(self, state: IPVSState) -> None:
+        if self._masquerade is None:
+            return
+        try:
+            await self._masquerade.ensure()
+            await self._masquerade.resync(state)
+        except MasqueradeError as exc:
+            log.error("source NAT repair failed", extra={"error": str(exc)})  # IPVS state still good
 
     async def read(self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]) -> IPVSState:
         """The owned state of just these virtual servers and addresses, as ``dump()`` would show it.

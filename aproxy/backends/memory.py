@@ -45,6 +45,7 @@ class MemoryBackend:
         self.applied: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.dumps = 0
+        self.outlines = 0
         self.reads: list[Read] = []
         self._failures: list[_InjectedFailure] = []
         # Connection counts a test sets to hold a drain open; real servers not listed have none.
@@ -56,6 +57,15 @@ class MemoryBackend:
     async def dump(self) -> IPVSState:
         self.dumps += 1
         return self.dump_sync()
+
+    async def outline(self) -> IPVSState:
+        self.outlines += 1
+        state = IPVSState()
+        for key in self._state.virtual_keys():
+            state.replace_virtual(key, self._state.spec(key), {})
+        for address in self._state.addresses():
+            state.set_bound(address, True)
+        return state
 
     async def read(self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]) -> IPVSState:
         self.reads.append(Read(frozenset(keys), frozenset(addresses)))

@@ -20,7 +20,7 @@ update, never a delete followed by an add. Addresses are shared: bound while any
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -221,6 +221,22 @@ class Planner:
         aproxy owns, like the dump given to ``Planner(applied=...)``.
         """
         keys, addresses = self._applied.differences(kernel)
+        return self._repair(kernel, keys, addresses)
+
+    def outline_differences(self, outline: IPVSState) -> tuple[set[VirtualServerKey], set[IPAddress]]:
+        """The keys and addresses where the kernel's outline (``Backend.outline``) disagrees with the
+        applied state: the audit's first slice reads and repairs them."""
+        return self._applied.outline_differences(outline)
+
+    def repair_among(
+        self, kernel: IPVSState, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]
+    ) -> Plan:
+        """``repair`` for a slice of the audit: ``kernel`` was read for just these keys and addresses
+        (``Backend.read``), and only they are compared and repaired."""
+        differing, unbound = self._applied.differences_among(kernel, keys, addresses)
+        return self._repair(kernel, differing, unbound)
+
+    def _repair(self, kernel: IPVSState, keys: set[VirtualServerKey], addresses: set[IPAddress]) -> Plan:
         self.reconcile(kernel, keys, addresses)
         builder = _PlanBuilder()
         for key in sorted(keys, key=VirtualServerKey.sort_key):

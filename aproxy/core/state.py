@@ -237,6 +237,26 @@ class IPVSState:
                 keys.add(key)
         return keys, self._addresses ^ other._addresses
 
+    def differences_among(
+        self, other: IPVSState, keys: Iterable[VirtualServerKey], addresses: Iterable[IPAddress]
+    ) -> tuple[set[VirtualServerKey], set[IPAddress]]:
+        """``differences`` restricted to these keys and addresses (``other`` was read for just them)."""
+        differing = {key for key in keys if self._virtual.get(key) != other._virtual.get(key)}
+        unbound = {
+            address for address in addresses if (address in self._addresses) != (address in other._addresses)
+        }
+        return differing, unbound
+
+    def outline_differences(self, outline: IPVSState) -> tuple[set[VirtualServerKey], set[IPAddress]]:
+        """Where ``outline`` (the kernel's virtual servers and specs, real servers not read) disagrees with
+        this state: keys on one side only, a different spec, an address bound on one side only."""
+        keys = set(self._virtual.keys() ^ outline._virtual.keys())
+        for key, virtual in self._virtual.items():
+            theirs = outline._virtual.get(key)
+            if theirs is not None and theirs.spec != virtual.spec:
+                keys.add(key)
+        return keys, self._addresses ^ outline._addresses
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, IPVSState):
             return NotImplemented

@@ -1,0 +1,214 @@
+"""The audit and the drain checks in slices: what each slice reads, what it repairs, and that syncs between
+slices are neither undone nor held for a whole round (the kernel loop runs one slice per pass)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Collection, Mapping
+from ipaddress import ip_address
+from typing import Any
+
+import pytest
+
+from aproxy import syncer as syncer_module
+from aproxy.app import Daemon
+from aproxy.backends.base import RealServerConnections
+from aproxy.backends.memory import MemoryBackend
+from aproxy.core.model import (
+    DeleteRealServer,
+    DeleteVirtualServer,
+    IPAddress,
+    L4Protocol,
+    RealServerKey,
+    VirtualServerKey,
+)
+from aproxy.core.state import IPVSState
+from aproxy.syncer import Syncer
+from tests.core.k8s import endpoint, endpoint_slice, port, service, slice_port
+from tests.test_syncer import CTX, listed_tracker
+
+SERVICES = 8
+SLICE = 3
+
+
+def name(index: int) -> str:
+    return f"svc-{index}"
+
+
+def virtual(index: int) -> VirtualServerKey:
+    return VirtualServerKey(L4Protocol.TCP, ip_address(f"10.96.0.{index + 1}"), 80)
+
+
+def pod(index: int, which: int) -> str:
+    return f"10.244.{index}.{which}"
+
+
+def objects(index: int, *pods: int, rv: str = "1") -> list[dict[str, Any]]:
+    return [
+        service(name(index), cluster_ips=f"10.96.0.{index + 1}", ports=[port("http", 80)]),
+        endpoint_slice(
+            name(index),
+            endpoints=[endpoint(pod(index, which)) for which in pods],
+            ports=[slice_port("http", 8080)],
+            resource_version=rv,
+        ),
+    ]
+
+
+class Recording(MemoryBackend):
+    """The memory kernel, recording which kernel reads each call makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, int]] = []
+
+    async def outline(self) -> IPVSState:
+        self.log.append(("outline", 0))
+        return await super().outline()
+
+    async def read(self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]) -> IPVSState:
+        self.log.append(("read", len(keys)))
+        return await super().read(keys, addresses)
+
+    async def connections(self, key: VirtualServerKey) -> Mapping[RealServerKey, RealServerConnections]:
+        self.log.append(("connections", 1))
+        return await super().connections(key)
+
+
+@pytest.fixture(autouse=True)
+def small_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(syncer_module, "AUDIT_SLICE", SLICE)
+    monkeypatch.setattr(syncer_module, "DRAIN_SLICE", SLICE)
+
+
+async def cluster() -> tuple[Any, Recording, Syncer]:
+    tracker = listed_tracker(*(obj for index in range(SERVICES) for obj in objects(index, 1, 2)))
+    backend = Recording()
+    syncer = Syncer(tracker, CTX, backend)
+    await syncer.start()
+    backend.log.clear()
+    return tracker, backend, syncer
+
+
+def test_an_audit_reads_an_outline_then_real_servers_a_slice_at_a_time_and_repairs_each() -> None:
+    async def scenario() -> None:
+        _, backend, syncer = await cluster()
+        expected = backend.dump_sync()
+        dumps = backend.dumps
+        backend.apply_sync([DeleteVirtualServer(virtual(0))])  # caught by the outline
+        backend.apply_sync([DeleteRealServer(virtual(7), RealServerKey(ip_address(pod(7, 2)), 8080))])
+
+        first = await syncer.audit_slice()
+        assert backend.log == [("outline", 0), ("read", 1)]  # just the differing virtual server
+        assert [r.operation.name for r in first.results] == ["add_virtual_server", *["add_real_server"] * 2]
+        assert syncer.auditing
+
+        repaired = []
+        while syncer.auditing:
+            repaired += [r.operation.name for r in (await syncer.audit_slice()).results]
+
+        reads = [count for call, count in backend.log[2:]]
+        assert reads == [SLICE, SLICE, SERVICES - 1 - 2 * SLICE]  # the 7 others, 3 at a time
+        assert repaired == ["add_real_server"]  # virtual(7)'s, in the last slice
+        assert backend.dump_sync() == expected
+        assert backend.dumps == dumps  # no whole dump
+        assert syncer.counters.passes["audit"] == 1  # a round is one audit
+        assert syncer.counters.audit_repairs == 4
+
+    asyncio.run(scenario())
+
+
+def test_a_sync_between_two_slices_is_not_undone_by_the_audit() -> None:
+    async def scenario() -> None:
+        tracker, backend, syncer = await cluster()
+        await syncer.audit_slice()  # the outline: every key queued
+
+        # Between two slices a sync deletes svc-7 and adds an endpoint to svc-6 (not read yet).
+        tracker.delete_service("default", name(7))
+        tracker.upsert_slice(objects(6, 1, 2, 3, rv="2")[1])
+        await syncer.sync()
+        wanted = backend.dump_sync()
+
+        await syncer.audit()  # the rest of the round
+
+        assert backend.dump_sync() == wanted
+        assert syncer.counters.audit_repairs == 0
+        assert wanted.real_servers(virtual(6)).keys() == {
+            RealServerKey(ip_address(pod(6, which)), 8080) for which in (1, 2, 3)
+        }
+        assert not wanted.has_virtual(virtual(7))
+
+    asyncio.run(scenario())
+
+
+def test_a_round_of_drain_checks_reads_a_slice_of_virtual_servers_at_a_time() -> None:
+    async def scenario() -> None:
+        tracker, backend, syncer = await cluster()
+        for index in range(SERVICES):  # every service loses pod 2: it drains (TCP, weight 0)
+            tracker.upsert_slice(objects(index, 1, rv="2")[1])
+        await syncer.sync()
+        assert sum(1 for _ in syncer.planner.draining()) == SERVICES
+        # svc-0 keeps a connection; the others have none.
+        backend.connection_counts[(virtual(0), RealServerKey(ip_address(pod(0, 2)), 8080))] = (
+            RealServerConnections(active=1, inactive=0)
+        )
+        backend.log.clear()
+
+        first = await syncer.drain_slice()
+        assert backend.log == [("connections", 1)] * SLICE
+        assert syncer.draining_round
+        # Before the next slice, svc-5's pod comes back: no longer draining, so not read.
+        tracker.upsert_slice(objects(5, 1, 2, rv="3")[1])
+        await syncer.sync()
+        deleted = [r.operation for r in first.results]
+        while syncer.draining_round:
+            deleted += [r.operation for r in (await syncer.drain_slice()).results]
+
+        assert len(backend.log) == SERVICES - 1
+        assert {op.virtual for op in deleted if isinstance(op, DeleteRealServer)} == {
+            virtual(index) for index in range(1, SERVICES) if index != 5
+        }
+        assert [key for key, _ in syncer.planner.draining()] == [virtual(0)]  # its connection is open
+        assert syncer.counters.passes["drain"] == 1
+
+    asyncio.run(scenario())
+
+
+class FeedingDuringAudit(Recording):
+    """Records ``apply`` too; at the audit's first real-server slice, hands the source a change."""
+
+    def __init__(self, change: Any) -> None:
+        super().__init__()
+        self.change = change
+
+    async def apply(self, operations: Any) -> Any:
+        self.log.append(("apply", len(operations)))
+        return await super().apply(operations)
+
+    async def read(self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]) -> IPVSState:
+        if ("outline", 0) in self.log and self.change is not None:
+            change, self.change = self.change, None
+            change()
+        return await super().read(keys, addresses)
+
+
+def test_the_kernel_loop_syncs_a_change_between_two_audit_slices() -> None:
+    from tests.test_app import ScriptedSource, running, settings, synced, until
+
+    source = ScriptedSource()
+    backend = FeedingDuringAudit(lambda: source.feed(objects(3, 1, 2, 3, rv="2")[1]))
+    daemon = Daemon(settings(audit_period=0.05, min_sync_period=0), source=source, backend=backend)
+
+    async def scenario() -> None:
+        async with running(daemon):
+            syncer = await synced(daemon, source, *(obj for i in range(SERVICES) for obj in objects(i, 1, 2)))
+            await until(daemon, lambda: syncer.counters.passes["audit"] >= 1)
+
+    asyncio.run(scenario())
+    round_ = backend.log[backend.log.index(("outline", 0)) :]
+    reads = [index for index, (call, _) in enumerate(round_) if call == "read"]
+    synced_at = round_.index(("apply", 1))  # the change: one real server added
+    # The change came during the first real-server slice; the sync ran right after it, before the round's
+    # next slice: not after the whole round.
+    assert reads[0] < synced_at < reads[1]
+    assert len(reads) == -(-SERVICES // SLICE)
