@@ -33,6 +33,7 @@ from aproxy.core.changes import ChangeTracker
 from aproxy.core.datapath import SetDelta, SetEntry, SetMembership, service_entries
 from aproxy.core.drain import DrainClock
 from aproxy.core.health_ports import HealthCheckPort, HealthPortTable, health_check_port
+from aproxy.core.local_endpoints import LocalEndpoints, local_endpoint_addresses
 from aproxy.core.model import (
     BindAddress,
     DeleteVirtualServer,
@@ -132,6 +133,8 @@ class Syncer:
         self._membership = SetMembership()
         # The health-check node ports the web side serves (they follow the services and their endpoints).
         self._health_ports = health_ports
+        # The addresses of this node's endpoints: the hairpin set's filter (is_local_endpoint).
+        self._local = LocalEndpoints()
 
     @property
     def started(self) -> bool:
@@ -152,6 +155,12 @@ class Syncer:
         self._retry |= self._tracker.services()
         return True
 
+    def is_local_endpoint(self, address: IPAddress) -> bool:
+        """Whether ``address`` is an endpoint on this node (its nodeName is this node's) of some service: the
+        only real servers a hairpin can reach. Up to date for a pass's services before the backend applies
+        its operations, and for every service before the start-up dump."""
+        return address in self._local
+
     @property
     def pending_retries(self) -> frozenset[ServiceKey]:
         return frozenset(self._retry)
@@ -164,6 +173,8 @@ class Syncer:
 
     async def start(self) -> SyncReport:
         """Adopt the kernel's owned state, then program the whole cluster (zero operations if unchanged)."""
+        # Before the dump: it resyncs the hairpin set, which holds only local endpoints.
+        self._local.reset({key: self._local_addresses(key) for key in self._tracker.services()})
         self._planner = Planner(applied=await self._backend.dump())
         self._tracker.take_dirty()
         self._retry.clear()
@@ -183,6 +194,8 @@ class Syncer:
         planner = self.planner
         keys = self._tracker.take_dirty() | self._retry
         self._retry = set()
+        for key in keys:  # before the backend follows this pass's real servers into the hairpin set
+            self._local.replace(key, self._local_addresses(key))
         desired = {key: self._desired(key) for key in sorted_keys(keys)}
         try:
             report = await self._execute("sync", planner.plan(desired), len(desired))
@@ -319,6 +332,10 @@ class Syncer:
     def _health_port(self, key: ServiceKey) -> HealthCheckPort | None:
         service, slices = self._tracker.inputs(key)
         return health_check_port(service, slices, self._ctx.node_name)
+
+    def _local_addresses(self, key: ServiceKey) -> frozenset[IPAddress]:
+        service, slices = self._tracker.inputs(key)
+        return local_endpoint_addresses(slices, self._ctx.node_name) if service is not None else frozenset()
 
     def _entries(self, key: ServiceKey) -> frozenset[SetEntry]:
         service, _slices = self._tracker.inputs(key)

@@ -24,7 +24,7 @@ import errno
 import itertools
 import logging
 import os
-from collections.abc import Collection, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -39,7 +39,7 @@ from aproxy.backends.conntrack import ConntrackCleaner
 from aproxy.backends.ipvs_socket import IPVSSocket
 from aproxy.backends.ipvs_wire import IPVSTimeouts
 from aproxy.backends.masquerade import Masquerade, MasqueradeError
-from aproxy.backends.nat_rules import MasqueradeSettings
+from aproxy.backends.nat_rules import MasqueradeSettings, every_address
 from aproxy.backends.netlink_socket import BatchLimits
 from aproxy.backends.ownership import OwnershipRecord
 from aproxy.backends.pyroute2_thread import NetlinkThread
@@ -142,6 +142,8 @@ class IPVSBackend:
     _bound: set[IPAddress] = field(default_factory=set)
     _record: OwnershipRecord | None = None
     _masquerade: Masquerade | None = None
+    # Which real server addresses are endpoints on this node: the hairpin set's filter (set_local_endpoints).
+    _is_local: Callable[[IPAddress], bool] = every_address
     _conntrack: ConntrackCleaner | None = None
     # Backend addresses seen with connections by the dumps (the health checks' scope "used").
     usage: DestinationUsage = field(default_factory=DestinationUsage)
@@ -188,7 +190,7 @@ class IPVSBackend:
             await apply_sysctls(wanted_sysctls(os.uname().release, strict_arp=self.settings.strict_arp))
         if self.settings.masquerade:
             self._masquerade = Masquerade(
-                MasqueradeSettings(self.settings.masquerade_all, self.settings.cluster_cidrs)
+                MasqueradeSettings(self.settings.masquerade_all, self.settings.cluster_cidrs), self._is_local
             )
             await self._masquerade.ensure()
         self._conntrack = ConntrackCleaner()
@@ -207,6 +209,13 @@ class IPVSBackend:
     @property
     def masquerade(self) -> Masquerade | None:
         return self._masquerade
+
+    def set_local_endpoints(self, is_local: Callable[[IPAddress], bool]) -> None:
+        """Only real servers whose address ``is_local`` says is an endpoint on this node join the hairpin set
+        (the daemon passes its syncer's ``is_local_endpoint``; default: every real server)."""
+        self._is_local = is_local
+        if self._masquerade is not None:
+            self._masquerade.set_local_endpoints(is_local)
 
     @property
     def netlink_messages_sent(self) -> int:

@@ -49,8 +49,16 @@ virtual server forwarded a packet: node, cluster-CIDR and masquerade-all rules a
 virtual server's traffic (the sets hold only aproxy's services and real servers).
 
 Hairpin detection is kube-proxy's: a ``hash:ip,port,ip`` set of (real server, protocol:port, real server)
-entries matched as ``dst,dst,src``: a packet going to a real server *from that same address*. Its entries
-follow the IPVS operations the kernel accepted (``observe``): only the entries that appeared or disappeared,
+entries matched as ``dst,dst,src``: a packet going to a real server *from that same address*. Only real
+servers whose address is an endpoint on this node are members (kube-proxy's KUBE-LOOP-BACK holds only local
+endpoints): a remote pod's packets never arrive here from its own address with a service destination, and a
+member for every real server of the cluster would fill the set (``maxelem`` 65536) at ~6,500 services of 10
+endpoints. The daemon hands the syncer's ``is_local_endpoint`` over (``set_local_endpoints``); without it
+every real server counts. Limitation: an endpoint whose ``nodeName`` appears (or turns to this node) after
+its real server was added joins the set at the next audit, as the membership follows IPVS operations and
+that change is none. Entries from an older aproxy that held every real server are dropped by the start-up
+``resync``. The entries follow the IPVS operations the kernel accepted (``observe``): only the entries that
+appeared or disappeared,
 written over netlink from this process in one ``sendmsg`` per batch (ipset_socket.py), not by an ``ipset``
 process: that cost ~80 ms per endpoint change and ~0.4 ms per member. A member the kernel refuses is logged
 and left to the next audit. An entry is refcounted over the virtual servers that have that real
@@ -64,7 +72,7 @@ reading and destroying the sets, the iptables rules) still run the commands (com
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from aproxy.backends import ipset_wire, service_sets
 from aproxy.backends.base import OperationResult
@@ -81,6 +89,7 @@ from aproxy.backends.nat_rules import (
     LoopBackMembers,
     MasqueradeSettings,
     create_sets_text,
+    every_address,
     parse_saved_members,
     removal_text,
     restore_text,
@@ -108,12 +117,16 @@ class MasqueradeError(RuntimeError):
 class Masquerade:
     """aproxy's chains and sets on this node (see the module docstring)."""
 
-    def __init__(self, settings: MasqueradeSettings | None = None) -> None:
+    def __init__(
+        self,
+        settings: MasqueradeSettings | None = None,
+        is_local: Callable[[IPAddress], bool] = every_address,
+    ) -> None:
         self.settings = settings or MasqueradeSettings()
         for version in (4, 6):
             self.settings.networks(version)  # a bad CIDR fails here, at start-up, not at the first sync
         self.families = available_families()
-        self._members = LoopBackMembers()
+        self._members = LoopBackMembers(is_local)
         self._bound: set[IPAddress] = set()  # the IPVS_IP set's members: the dummy device's addresses
         self._writer = SetWriter()  # its socket is opened at the first write, kept until close()
         self.commands_run = 0  # tests assert a sync writes only changes, with no process started
@@ -139,6 +152,11 @@ class Masquerade:
     @property
     def entries(self) -> frozenset[LoopBackEntry]:
         return self._members.entries()
+
+    def set_local_endpoints(self, is_local: Callable[[IPAddress], bool]) -> None:
+        """Which real server addresses are endpoints on this node (the syncer's ``is_local_endpoint``): only
+        those join the hairpin set from now on, and the next ``resync`` drops the others."""
+        self._members.is_local = is_local
 
     def _set_definitions(self) -> tuple[service_sets.SetDefinition, ...]:
         return service_sets.definitions(self._versions())
@@ -225,7 +243,7 @@ class Masquerade:
         self._forget()
 
     def _forget(self) -> None:
-        self._members = LoopBackMembers()
+        self._members = LoopBackMembers(self._members.is_local)
         self._bound = set()
         self.close()
 

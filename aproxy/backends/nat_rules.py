@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
@@ -270,10 +270,23 @@ def _entry(virtual: VirtualServerKey, real: RealServerKey) -> LoopBackEntry:
     return LoopBackEntry(real.address, virtual.protocol, real.port)
 
 
+def every_address(_address: IPAddress) -> bool:
+    """The hairpin filter of a caller that knows no node: every real server counts as local."""
+    return True
+
+
 @dataclass(slots=True)
 class LoopBackMembers:
-    """Which real servers each virtual server has, and how many virtual servers hold each set entry."""
+    """Which local real servers each virtual server has, and how many virtual servers hold each set entry.
 
+    ``is_local`` says which real server addresses are endpoints on this node (the daemon's syncer knows): only
+    those can be reached by a hairpin, so only those are members (kube-proxy's KUBE-LOOP-BACK alike). It is
+    asked when a real server is added (``observe``) or adopted (``replace``); a removal drops whatever entry
+    is held, local now or not. The default, every address, is the membership of a caller that knows no node
+    (the pure tests of the refcounting, a tool without a syncer).
+    """
+
+    is_local: Callable[[IPAddress], bool] = every_address
     _by_virtual: dict[VirtualServerKey, set[RealServerKey]] = field(default_factory=dict)
     _counts: Counter[LoopBackEntry] = field(default_factory=Counter)
 
@@ -299,7 +312,12 @@ class LoopBackMembers:
 
     def replace(self, state: IPVSState) -> None:
         """Take the membership of a kernel dump (start-up, audit): O(cluster), like the dump itself."""
-        self._by_virtual = {key: set(state.real_servers(key)) for key in state.virtual_keys()}
+        is_local = self.is_local
+        by_virtual = {
+            key: {real for real in state.real_servers(key) if is_local(real.address)}
+            for key in state.virtual_keys()
+        }
+        self._by_virtual = {key: reals for key, reals in by_virtual.items() if reals}
         self._counts = Counter(
             _entry(virtual, real) for virtual, reals in self._by_virtual.items() for real in reals
         )
@@ -307,6 +325,8 @@ class LoopBackMembers:
     def _add(
         self, virtual: VirtualServerKey, real: RealServerKey, touched: dict[LoopBackEntry, bool]
     ) -> None:
+        if not self.is_local(real.address):
+            return  # a remote pod's packets never come back here from its own address: no hairpin
         reals = self._by_virtual.setdefault(virtual, set())
         if real in reals:
             return

@@ -354,3 +354,66 @@ def test_replace_takes_a_dumps_membership_and_later_changes_follow_it() -> None:
 
     assert after_one_delete == Delta()
     assert members.entries() == {entry(POD_A), entry(POD_A6)}
+
+
+# --- membership filtered to this node's endpoints -----------------------------------------------------------
+
+
+def local_only(*reals: RealServer) -> LoopBackMembers:
+    """Members that take only ``reals``' addresses for endpoints on this node (the daemon's syncer says)."""
+    addresses = {real.address for real in reals}
+    return LoopBackMembers(is_local=addresses.__contains__)
+
+
+def test_a_remote_real_server_adds_nothing_a_local_one_adds_its_entry() -> None:
+    members = local_only(POD_A)
+
+    delta = members.observe(ok(AddRealServer(WEB, POD_B), AddRealServer(WEB, POD_A)))
+
+    assert delta == Delta(added=(entry(POD_A),))
+    assert members.entries() == {entry(POD_A)}
+
+
+def test_a_local_real_server_removed_removes_its_entry_and_a_remote_one_removes_nothing() -> None:
+    members = local_only(POD_A)
+    members.observe(ok(AddRealServer(WEB, POD_A), AddRealServer(WEB, POD_B), AddRealServer(DNS, POD_A)))
+
+    remote = members.observe(ok(DeleteRealServer(WEB, POD_B.key)))
+    local = members.observe(ok(DeleteRealServer(WEB, POD_A.key)))
+    whole = members.observe(ok(DeleteVirtualServer(DNS)))
+
+    assert (remote, local, whole) == (
+        Delta(),
+        Delta(removed=(entry(POD_A),)),
+        Delta(removed=(entry(POD_A, L4Protocol.UDP),)),
+    )
+    assert members.entries() == frozenset()
+
+
+def test_an_entry_in_the_set_is_removed_even_once_its_address_is_no_longer_local() -> None:
+    local = {POD_A.address}
+    members = LoopBackMembers(is_local=local.__contains__)
+    members.observe(ok(AddRealServer(WEB, POD_A)))
+
+    local.clear()  # the pod is gone: the syncer forgets its address before the backend deletes it
+    delta = members.observe(ok(DeleteRealServer(WEB, POD_A.key)))
+
+    assert delta == Delta(removed=(entry(POD_A),))
+
+
+def test_replace_keeps_only_local_real_servers() -> None:
+    members = local_only(POD_A, POD_A6)
+
+    members.replace(_state([(WEB, POD_A), (WEB, POD_B), (WEB_NODEPORT, POD_A), (WEB6, POD_A6)]))
+    after_one_delete = members.observe(ok(DeleteVirtualServer(WEB)))
+
+    assert after_one_delete == Delta()  # WEB_NODEPORT still holds POD_A; POD_B was never counted
+    assert members.entries() == {entry(POD_A), entry(POD_A6)}
+
+
+def test_by_default_every_real_server_counts() -> None:
+    members = LoopBackMembers()
+
+    members.replace(_state([(WEB, POD_A), (WEB, POD_B)]))
+
+    assert members.entries() == {entry(POD_A), entry(POD_B)}

@@ -952,6 +952,18 @@ def read_ipvs() -> IPVSTable:
     return parse_ipvs(ipvsadm("-Ln"))
 
 
+def hairpin_addresses(name: str = "APROXY-LOOP-BACK") -> set[IPAddress]:
+    """The real server addresses in aproxy's hairpin set, as ``ipset save`` shows its members."""
+    members = re.findall(rf"^add {re.escape(name)} ([^,\s]+),", run("ipset", "save", name), re.MULTILINE)
+    return {ip_address(address) for address in members}
+
+
+def real_server_addresses(version: int = 4) -> set[IPAddress]:
+    """Every real server address of one family in the kernel's IPVS table."""
+    reals = (real for entry in read_ipvs().virtual_servers for real in entry.real_servers)
+    return {real.address for real in reals if real.address.version == version}
+
+
 @dataclass(frozen=True, slots=True)
 class TrafficStats:
     connections: int

@@ -31,6 +31,7 @@ from aproxy.core.model import L4Protocol, RealServerKey, VirtualServerKey
 from aproxy.core.translate import TranslationContext
 from aproxy.syncer import desired_all
 from tests.kernel import netlab
+from tests.kernel.test_cli_sync import endpoints_on
 
 pytestmark = pytest.mark.kernel
 
@@ -162,6 +163,10 @@ def test_daemon_programs_edits_incrementally_and_keeps_the_rules_on_sigterm(tmp_
     with daemon(manifests, state_file, tmp_path / "first.log") as first:
         first.wait_for("initial sync done")
         assert_kernel_matches(manifests)
+        # Hairpin only for this node's pods: the daemon hands its syncer's filter to the backend.
+        local = netlab.real_server_addresses() & endpoints_on("node-a")
+        assert local
+        assert netlab.hairpin_addresses() == local
         initial = first.operations()
         assert initial["add_virtual_server"] == len(netlab.read_ipvs()) > 0
 
@@ -189,6 +194,7 @@ def test_daemon_programs_edits_incrementally_and_keeps_the_rules_on_sigterm(tmp_
             "add_real_server": 2,
         }
         assert_kernel_matches(manifests)
+        assert netlab.hairpin_addresses() == local  # the extra endpoints have no nodeName: not local
         entry = next(entry for entry in netlab.read_ipvs().virtual_servers if entry.key == EXTRA)
         assert set(entry.weights) == {
             RealServerKey(ip_address("10.244.7.1"), 8080),

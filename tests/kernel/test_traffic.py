@@ -73,11 +73,14 @@ def web_service(
     port: int = PORT,
     affinity: bool = False,
     not_ready: Sequence[Namespace] = (),
+    remote: Sequence[Namespace] = (),
 ) -> list[dict[str, Any]]:
-    """A ClusterIP service ``default/web`` on the netlab virtual IP, with the pods as its endpoints."""
+    """A ClusterIP service ``default/web`` on the netlab virtual IP, with the pods as its endpoints: on this
+    node (CTX's node-a), except ``remote`` ones, which the slice puts on node-b."""
     vip = SERVICE_ADDRESS if version == 4 else SERVICE_ADDRESS6
     endpoints = [k8s.endpoint(str(_address(pod, version)), ready=True, node="node-a") for pod in pods]
     endpoints += [k8s.endpoint(str(_address(pod, version)), ready=False, node="node-a") for pod in not_ready]
+    endpoints += [k8s.endpoint(str(_address(pod, version)), ready=True, node="node-b") for pod in remote]
     return [
         k8s.service(
             "web", cluster_ips=str(vip), ports=[k8s.port("web", port, protocol)], affinity=affinity or None
@@ -99,6 +102,8 @@ class Cluster:
         settings: IPVSSettings,
         ctx: TranslationContext = CTX,
         health_ports: HealthPortTable | None = None,
+        *,
+        hairpin_filter: bool = True,
     ) -> None:
         self._runner = asyncio.Runner()
         self.tracker = ChangeTracker()
@@ -109,6 +114,8 @@ class Cluster:
             self._runner.close()
             raise
         self.syncer = Syncer(self.tracker, ctx, self.backend, health_ports=health_ports)
+        if hairpin_filter:  # as the daemon wires it (without: an aproxy from before the filter)
+            self.backend.set_local_endpoints(self.syncer.is_local_endpoint)
 
     def apply(self, objects: Sequence[dict[str, Any]]) -> SyncReport:
         """Feed the objects (upserts) and sync them, as the daemon would after a watch event."""
@@ -172,8 +179,8 @@ def foreign_set() -> Iterator[str]:
     netlab.run("ipset", "destroy", "FOREIGN-SET", check=False)
 
 
-def open_cluster(clusters: list[Cluster], settings: IPVSSettings) -> Cluster:
-    cluster = Cluster(settings)
+def open_cluster(clusters: list[Cluster], settings: IPVSSettings, *, hairpin_filter: bool = True) -> Cluster:
+    cluster = Cluster(settings, hairpin_filter=hairpin_filter)
     clusters.append(cluster)
     return cluster
 
@@ -342,6 +349,45 @@ def test_hairpin_set_follows_endpoint_changes_one_entry_at_a_time(
     assert drain_cost == (1, 1, 0, 0)
     assert hairpin_members() == {member(pod_b), member(pod_c)}
     assert netlab.tcp_request(SERVICE_ADDRESS, PORT, netns=pod_c.netns).backend in {"pod-b", "pod-c"}
+
+
+def test_hairpin_set_holds_only_the_endpoints_on_this_node(
+    lab: Lab, clusters: list[Cluster], settings: IPVSSettings
+) -> None:
+    local_a, local_c = lab.add_pod("pod-a"), lab.add_pod("pod-c")
+    remote_b, remote_d = lab.add_pod("pod-b"), lab.add_pod("pod-d")  # node-b's, as the slice says
+    cluster = open_cluster(clusters, settings)
+    cluster.apply(web_service([local_a], remote=[remote_b]))
+    after_start = hairpin_members()
+    cluster.apply(web_service([local_a, local_c], remote=[remote_b, remote_d]))
+    after_sync = hairpin_members()
+
+    assert after_start == {member(local_a)}
+    assert after_sync == {member(local_a), member(local_c)}
+    web = netlab.read_ipvs().find("TCP", SERVICE_ADDRESS, PORT)
+    reals = {real.address for real in web.real_servers}
+    assert reals == {pod.address for pod in (local_a, local_c, remote_b, remote_d)}  # IPVS keeps them all
+    # The local pod still reaches itself through its service (masqueraded as hairpin).
+    replies = netlab.tcp_replies(SERVICE_ADDRESS, PORT, 4, netns=local_a.netns)
+    assert {reply.source for reply in replies if reply.backend == "pod-a"} == {POD_GATEWAY}
+
+
+def test_restart_after_an_unfiltered_aproxy_drops_the_remote_members(
+    lab: Lab, clusters: list[Cluster], settings: IPVSSettings
+) -> None:
+    local, remote = lab.add_pod("pod-a"), lab.add_pod("pod-b")
+    older = open_cluster(clusters, settings, hairpin_filter=False)  # every real server, as before the filter
+    older.apply(web_service([local], remote=[remote]))
+    before_upgrade = hairpin_members()
+    older.close()
+    clusters.remove(older)
+
+    upgraded = open_cluster(clusters, settings)
+    unchanged = upgraded.apply(web_service([local], remote=[remote]))
+
+    assert before_upgrade == {member(local), member(remote)}
+    assert unchanged.results == ()  # IPVS was right already; only the hairpin set shrank
+    assert hairpin_members() == {member(local)}
 
 
 def test_refused_hairpin_members_are_mapped_back_one_by_one(
