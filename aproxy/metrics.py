@@ -10,7 +10,8 @@ drift from what the code did.
 Metrics:
 
 - ``kubeproxy_sync_proxy_rules_duration_seconds`` (histogram, 1 ms x 2^k, 15 buckets): start-up and
-  incremental sync passes. ``aproxy_audit_duration_seconds`` (same buckets): the periodic full comparison.
+  incremental sync passes. ``aproxy_audit_duration_seconds`` (same buckets): the periodic full comparison
+  (a round of slices, summed).
 - ``kubeproxy_network_programming_duration_seconds`` (histogram, kube-proxy's buckets): from a change's
   trigger time (an EndpointSlice's ``endpoints.kubernetes.io/last-change-trigger-time``, a Service change's
   arrival) to the end of the sync pass that programmed it (aproxy/core/latency.py).
@@ -132,7 +133,7 @@ class DaemonMetrics:
         )
         self.audit_duration = Histogram(
             f"{PREFIX}_audit_duration_seconds",
-            "Duration of an audit: dump the kernel's owned state, compare, repair.",
+            "Duration of an audit round in the kernel loop (its slices summed): read, compare, repair.",
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
