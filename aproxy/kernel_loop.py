@@ -124,7 +124,10 @@ class KernelLoop:
             now = loop.time()
             kind = self._due(now)
             if kind is not None:
+                began = time.perf_counter()
                 await passes[kind](syncer, now)
+                # Every pass, timed: what a due change may have waited for (bench/e2e.py reads these).
+                log.debug("pass", extra={"kind": kind, "seconds": round(time.perf_counter() - began, 4)})
                 self._after_pass(syncer, loop.time())
                 continue
             # No await between clear() and wait(): a change cannot slip in unnoticed.

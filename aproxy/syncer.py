@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from errno import EBUSY
 from typing import Final
@@ -129,6 +129,7 @@ class Syncer:
         self._nat = backend if isinstance(backend, NatRepair) else None
         # The rounds in progress: what their next slices read (reversed: popped from the end).
         self._audit_queue: list[VirtualServerKey] | None = None
+        self._audit_tail: AsyncIterator[None] | None = None  # the round's last slices, once begun
         self._drain_queue: list[VirtualServerKey] | None = None
         self._membership = SetMembership()
         # The health-check node ports the web side serves (they follow the services and their endpoints).
@@ -178,7 +179,8 @@ class Syncer:
         self._planner = Planner(applied=await self._backend.dump())
         self._tracker.take_dirty()
         self._retry.clear()
-        self._audit_queue = self._drain_queue = None  # rounds begun on the old planner start over
+        # Rounds begun on the old planner start over.
+        self._audit_queue = self._audit_tail = self._drain_queue = None
         desired = desired_all(self._tracker, self._ctx, self._health)
         report = await self._execute("start", self._planner.plan_full(desired), len(desired))
         if self._health_ports is not None:
@@ -230,7 +232,7 @@ class Syncer:
 
     def abandon_audit(self) -> None:
         """The kernel could not be read: the round ends here; the next audit starts a new one."""
-        self._audit_queue = None
+        self._audit_queue = self._audit_tail = None
 
     def abandon_drain(self) -> None:
         """The kernel could not be read: the round ends here; the next drain check starts a new one."""
@@ -248,9 +250,10 @@ class Syncer:
 
         A round's first slice reads the kernel's outline (its virtual servers with their specs, the bound
         addresses: one dump) and repairs those that are missing, extra or changed; the next ones each read
-        the real servers of ``AUDIT_SLICE`` virtual servers and repair those; the last one repairs the sets
-        around IPVS. Each slice reads what it compares within its own pass, so syncs may run between slices:
-        at 10,000 virtual servers a whole audit holds the kernel for seconds, a slice for a fraction of one.
+        the real servers of ``AUDIT_SLICE`` virtual servers and repair those; the last ones repair the chains
+        and sets around IPVS (``NatRepair``: one command a slice) and the service sets. Each slice reads
+        what it compares within its own pass, so syncs may run between slices: at 10,000 virtual servers a
+        whole audit holds the kernel for seconds, a slice for a fraction of one.
         """
         planner = self.planner
         if self._audit_queue is None:
@@ -264,13 +267,24 @@ class Syncer:
         if self._audit_queue:
             chunk = [self._audit_queue.pop() for _ in range(min(AUDIT_SLICE, len(self._audit_queue)))]
             return await self._repair_among(chunk, ())
-        self._audit_queue = None
+        if self._audit_tail is None:
+            self._audit_tail = self._repair_surroundings()
+        try:
+            await anext(self._audit_tail)
+        except StopAsyncIteration:
+            self._audit_queue = self._audit_tail = None
+            self.counters.passes["audit"] += 1  # a round is one audit
+        return SyncReport("audit")
+
+    async def _repair_surroundings(self) -> AsyncIterator[None]:
+        """The audit's last slices: the chains and sets that follow IPVS, a command a slice, the hairpin set
+        compared with the applied state as it is then; the service sets last."""
         if self._nat is not None:
-            await self._nat.repair_nat(planner.applied_state())
+            async for _ in self._nat.repair_nat_steps(self.planner.applied_view):
+                yield
+            yield
         if self._sets is not None:
             await self._sets.resync_services(self._membership.entries())
-        self.counters.passes["audit"] += 1  # a round is one audit
-        return SyncReport("audit")
 
     async def _repair_among(
         self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]

@@ -56,7 +56,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from aproxy.core.model import L4Protocol, VirtualServerKey  # noqa: E402
 
 RESULTS = ROOT / "build" / "e2e" / "results.json"
-PROFILES = ROOT / "build" / "e2e"  # aproxy-<N>.prof with --profile
+OUTPUT = ROOT / "build" / "e2e"  # aproxy-<N>.log (each run's log), aproxy-<N>.prof with --profile
 PLOT = ROOT / "docs" / "e2e-latency.png"
 NODE_IP = "172.30.0.2"
 LATENCY_METRIC = "kubeproxy_network_programming_duration_seconds"
@@ -64,7 +64,9 @@ TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
 ENDPOINTS = 10
 ROLLING_PODS = 100
 SAMPLES_PER_SECOND = 5  # driver-clock samples: each polls the kernel every POLL seconds
-POLL = 0.01
+# Every poll is a netlink dump in the guest's one CPU, which aproxy shares: 25 ms keeps the driver's own load
+# small (about 3 polls a second per pending sample fewer than at 10 ms) for a resolution of +-12.5 ms.
+POLL = 0.025
 MIN_SYNC_PERIOD = "1s"
 # User-mode Linux maps each guest page of a guest process into a host process on its own: a guest process of
 # a few hundred MB (the API server's objects at 10,000 services) needs more host mappings than the default
@@ -155,7 +157,9 @@ class Aproxy:
         # --profile: the whole process under cProfile (its stats are written when SIGTERM stops it).
         profiled = ("-m", "cProfile", "-o", str(profile)) if profile is not None else ()
         command = [
-            *(sys.executable, *profiled, "-m", "aproxy.cli", "run", "--kubeconfig", str(kubeconfig)),
+            # At debug level the log times every kernel-loop pass (build/e2e/aproxy-<N>.log).
+            *(sys.executable, *profiled, "-m", "aproxy.cli", "--log-level", "debug"),
+            *("run", "--kubeconfig", str(kubeconfig)),
             *("--node-name", "node-a", "--node-ip", NODE_IP, "--min-sync-period", MIN_SYNC_PERIOD),
             # The endpoints are addresses without pods: 100,000 failing probes would be measured, not syncs.
             "--no-health-checks",
@@ -375,12 +379,14 @@ async def measure(args: argparse.Namespace, say: Narration, family_id: int) -> d
             driver.populate()
             kubeconfig = api.write_kubeconfig(work / "kubeconfig")
             say(f"N = {services:,} services x {ENDPOINTS} endpoints: cold start from an empty kernel ...")
-            aproxy = Aproxy(kubeconfig, work / "aproxy.log")
+            log = OUTPUT / f"aproxy-{services}.log"
+            log.unlink(missing_ok=True)
+            aproxy = Aproxy(kubeconfig, log)
             empty = await aproxy.ready()
             aproxy.stop()
             say(f"  ready in {empty:.2f} s; restarting on the programmed kernel ...")
-            profile = PROFILES / f"aproxy-{services}.prof" if args.profile else None
-            aproxy = Aproxy(kubeconfig, work / "aproxy.log", profile)
+            profile = OUTPUT / f"aproxy-{services}.prof" if args.profile else None
+            aproxy = Aproxy(kubeconfig, log, profile)
             restart = await aproxy.ready()
             operations = sum(v for _, v in (await aproxy.samples()).get("aproxy_ipvs_operations_total", []))
             say(f"  ready in {restart:.2f} s after {operations:g} IPVS operations")

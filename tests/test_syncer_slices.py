@@ -4,7 +4,7 @@ slices are neither undone nor held for a whole round (the kernel loop runs one s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping
 from ipaddress import ip_address
 from typing import Any
 
@@ -212,3 +212,44 @@ def test_the_kernel_loop_syncs_a_change_between_two_audit_slices() -> None:
     # next slice: not after the whole round.
     assert reads[0] < synced_at < reads[1]
     assert len(reads) == -(-SERVICES // SLICE)
+
+
+class NatKeeping(Recording):
+    """A backend with source NAT whose repair takes three steps; records what each step saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[str] = []
+
+    async def repair_nat_steps(self, applied: Callable[[], IPVSState]) -> AsyncIterator[None]:
+        for command in ("ipset restore", "iptables-restore"):
+            self.steps.append(command)
+            yield
+        state = applied()  # the sets are compared with the state as applied now, not at the round's start
+        self.steps.append(f"resync {state.real_server_count()} real servers")
+
+
+def test_the_nat_repair_is_one_command_a_slice_against_the_state_of_its_last_step() -> None:
+    async def scenario() -> None:
+        tracker = listed_tracker(*objects(0, 1, 2))
+        backend = NatKeeping()
+        syncer = Syncer(tracker, CTX, backend)
+        await syncer.start()
+        backend.steps.clear()
+
+        await syncer.audit_slice()  # the outline
+        await syncer.audit_slice()  # the one slice of real servers
+        await syncer.audit_slice()
+        assert backend.steps == ["ipset restore"]
+        tracker.upsert_slice(objects(0, 1, 2, 3, rv="2")[1])
+        await syncer.sync()  # between two steps of the repair
+        await syncer.audit_slice()
+        assert backend.steps == ["ipset restore", "iptables-restore"]
+        assert syncer.auditing
+        await syncer.audit_slice()
+        assert backend.steps[-1] == "resync 3 real servers"
+        while syncer.auditing:
+            await syncer.audit_slice()
+        assert syncer.counters.passes["audit"] == 1
+
+    asyncio.run(scenario())

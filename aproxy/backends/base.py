@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from errno import EADDRNOTAVAIL, EEXIST, ENOENT, ESRCH
 from typing import Protocol, runtime_checkable
@@ -109,8 +109,9 @@ class NatRepair(Protocol):
     """A backend with source NAT around IPVS (chains, the hairpin and dummy-device sets), which ``dump()``
     repairs at start-up: the audit, which reads the kernel in slices, asks for it at its end."""
 
-    async def repair_nat(self, state: IPVSState) -> None:
-        """Make the chains and the sets that follow IPVS match ``state`` (the IPVS state, as applied)."""
+    def repair_nat_steps(self, applied: Callable[[], IPVSState]) -> AsyncIterator[None]:
+        """Make the chains and the sets that follow IPVS match ``applied()`` (the IPVS state as applied,
+        taken when the sets are compared), one step per ``anext``: the caller may run syncs between steps."""
         ...
 
 

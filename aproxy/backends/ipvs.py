@@ -24,7 +24,7 @@ import errno
 import itertools
 import logging
 import os
-from collections.abc import Callable, Collection, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -302,11 +302,17 @@ class IPVSBackend:
         return state
 
     async def repair_nat(self, state: IPVSState) -> None:
+        """Repair the chains and the sets that follow IPVS to match ``state`` (start-up, in one go)."""
+        async for _ in self.repair_nat_steps(lambda: state):
+            pass
+
+    async def repair_nat_steps(self, applied: Callable[[], IPVSState]) -> AsyncIterator[None]:
         if self._masquerade is None:
             return
         try:
-            await self._masquerade.ensure()
-            await self._masquerade.resync(state)
+            async for _ in self._masquerade.ensure_steps():
+                yield
+            await self._masquerade.resync(applied())
         except MasqueradeError as exc:
             log.error("source NAT repair failed", extra={"error": str(exc)})  # IPVS state still good
 

@@ -72,7 +72,7 @@ reading and destroying the sets, the iptables rules) still run the commands (com
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
 from aproxy.backends import ipset_wire, service_sets
 from aproxy.backends.base import OperationResult
@@ -163,10 +163,19 @@ class Masquerade:
 
     async def ensure(self) -> None:
         """Create or repair the sets, chains and jumps (idempotent: the audit calls it again)."""
+        async for _ in self.ensure_steps():
+            pass
+
+    async def ensure_steps(self) -> AsyncIterator[None]:
+        """``ensure``, one command a step: the audit lets due syncs run between two steps (in the guest a
+        command is a process of a tenth of a second or more; syncs never touch the chains, and the sets they
+        write exist already)."""
         sets = create_sets_text(self.families) + service_sets.create_text(self._set_definitions())
         await self._must("ipset", "restore", stdin=sets)
+        yield
         for family in self.families:
             await self._must(family.restore, "-w", "--noflush", stdin=restore_text(family, self.settings))
+            yield
             for jump in JUMPS:
                 rule = jump.rule()
                 if not await self._succeeds(family.iptables, "-w", "-t", jump.table, "-C", *rule):
@@ -175,6 +184,7 @@ class Masquerade:
                         family.iptables, "-w", "-t", jump.table, "-I", jump.chain, "1", *rule[1:]
                     )
                     log.info("hooked chain", extra={"command": family.iptables, "chain": jump.target})
+                yield
 
     async def observe(self, results: Sequence[OperationResult]) -> None:
         """Update the hairpin and dummy-device sets after a batch: one netlink batch of what changed."""
@@ -190,6 +200,7 @@ class Masquerade:
     async def resync(self, state: IPVSState) -> Delta:
         """Make the hairpin and dummy-device sets match a kernel dump, writing only the differences (start-up,
         audit); returns the hairpin part."""
+        # ``state`` is read here, before the first await: the audit hands over the live applied state.
         self._members.replace(state)
         self._bound = set(state.addresses())
         saved = (await self._must("ipset", "save")).stdout
