@@ -191,7 +191,6 @@ class Daemon:
                 settings.health_checks,
                 self.health_view,
                 self._health_changed,
-                duration=self.metrics.health_check_duration,
                 stats=self.health_stats,
             )
             if settings.health_checks.enabled

@@ -57,11 +57,12 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.locality import without_local_endpoints
 from aproxy.core.verdicts import HealthView
-from aproxy.health.checker import HealthStats
+from aproxy.health.checker import DURATION_BOUNDS, HealthStats
 from aproxy.kernel_loop import LoopStats
 from aproxy.syncer import Syncer
 
@@ -81,8 +82,6 @@ PROGRAMMING_BUCKETS: Final = (
 # client-go's, as aproxy.sources.kube.requests counts them (metrics must not import the Kubernetes source).
 REST_CLIENT_BUCKETS: Final = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 # A check on a LAN answers in well under a millisecond; a timeout is seconds: 0.1 ms x 2^k, up to ~3.3 s.
-HEALTH_CHECK_BUCKETS: Final = tuple(0.0001 * 2**k for k in range(16))
-
 # Counters a source may keep as plain attributes: (attribute, metric name without prefix, help, label).
 # An int attribute becomes one sample; a Counter (or any str -> int mapping) one sample per key, under label.
 # FileSource keeps reloads/reload_errors; KubernetesSource the watch counters.
@@ -138,12 +137,6 @@ class DaemonMetrics:
             registry=self.registry,
         )
         self.registry.register(_LiveCollector(tracker, syncer, source, stats))
-        self.health_check_duration = Histogram(
-            f"{PREFIX}_health_check_duration_seconds",
-            "Duration of a backend health check: connect to answer, or the timeout.",
-            buckets=HEALTH_CHECK_BUCKETS,
-            registry=self.registry,
-        )
         if health is not None:
             self.registry.register(_HealthCollector(*health))
         ProcessCollector(registry=self.registry)
@@ -296,6 +289,15 @@ def health_metrics(view: HealthView, stats: HealthStats) -> Iterator[Metric]:
         stats.stretch_ratio,
     )
     yield _gauge("health_check_targets", "Backends (address, checked port) being checked.", stats.targets)
+    durations = stats.durations
+    cumulative = list(itertools.accumulate(durations.counts))  # one more than the bounds: the +Inf bucket
+    bounds = [*map(floatToGoString, DURATION_BOUNDS), "+Inf"]
+    yield HistogramMetricFamily(
+        f"{PREFIX}_health_check_duration_seconds",
+        "Duration of a backend health check: connect to answer, or the timeout.",
+        buckets=list(zip(bounds, cumulative, strict=True)),
+        sum_value=durations.total,
+    )
 
 
 def source_metrics(source: object) -> Iterator[Metric]:

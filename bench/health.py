@@ -5,7 +5,7 @@
 
 The backends are listening ports on 127.0.0.1 in a few processes (each accepts and closes, with epoll). The
 checker is the daemon's (``HealthChecker``: prober, schedule, rate and concurrency limits, state machine,
-the duration histogram it observes) on uvloop, fed a ``HealthView`` holding one virtual server with every
+the duration histogram it keeps) on uvloop, fed a ``HealthView`` holding one virtual server with every
 backend. Prints, next to the targets of
 issue 11: the checker process's CPU as a share of one core, the p99 lateness of checks against their schedule,
 and the sockets in TIME_WAIT on the host (before, during, after: not growing). Then the CPU cost per check, of
@@ -28,7 +28,6 @@ from ipaddress import ip_address
 from pathlib import Path
 
 import uvloop
-from prometheus_client import CollectorRegistry, Histogram
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,7 +35,6 @@ from aproxy.core import model
 from aproxy.core.verdicts import HealthView
 from aproxy.health.checker import HealthChecker
 from aproxy.health.config import HealthCheckSettings
-from aproxy.metrics import HEALTH_CHECK_BUCKETS
 
 LOOPBACK = "127.0.0.1"
 TARGET_CPU = 0.25  # share of one core
@@ -104,11 +102,7 @@ async def check_for(
     key = model.ServiceKey("bench", "web")
     view.apply(key, None, model.ServiceState(key, (virtual,)))
     lateness = Samples()
-    # The daemon's duration histogram too (aproxy_health_check_duration_seconds): it is observed per check.
-    duration = Histogram("duration", "", buckets=HEALTH_CHECK_BUCKETS, registry=CollectorRegistry())
-    checker = HealthChecker(
-        HealthCheckSettings(interval=interval), view, lambda _: None, duration=duration, lateness=lateness
-    )
+    checker = HealthChecker(HealthCheckSettings(interval=interval), view, lambda _: None, lateness=lateness)
     waits = [time_wait()]
     began = cpu()
     task = asyncio.create_task(checker.run())

@@ -58,12 +58,12 @@ every real server counts. Limitation: an endpoint whose ``nodeName`` appears (or
 its real server was added joins the set at the next audit, as the membership follows IPVS operations and
 that change is none. Entries from an older aproxy that held every real server are dropped by the start-up
 ``resync``. The entries follow the IPVS operations the kernel accepted (``observe``): only the entries that
-appeared or disappeared,
-written over netlink from this process in one ``sendmsg`` per batch (ipset_socket.py), not by an ``ipset``
-process: that cost ~80 ms per endpoint change and ~0.4 ms per member. A member the kernel refuses is logged
-and left to the next audit. An entry is refcounted over the virtual servers that have that real
-server (a pod behind a ClusterIP and a NodePort stays until its last virtual server lets it go).
-``resync`` rebuilds the membership from a kernel dump (start-up and audit), writing only the differences.
+appeared or disappeared, written over netlink from this process in one ``sendmsg`` per batch
+(ipset_socket.py), not by an ``ipset`` process: that cost ~80 ms per endpoint change and ~0.4 ms per member.
+A member the kernel refuses is logged and left to the next audit. An entry is refcounted over the virtual
+servers that have that real server (a pod behind a ClusterIP and a NodePort stays until its last virtual
+server lets it go). ``resync`` rebuilds the membership from an IPVS state (the start-up dump; the audit's
+applied state, once its slices have repaired IPVS), writing only the differences.
 The dummy-device set (``APROXY-IPVS-IPS``) follows the binds and unbinds the same way; the service sets
 follow what the sync loop hands over (``update_services``, ``resync_services``). Rare operations (creating,
 reading and destroying the sets, the iptables rules) still run the commands (command.py).
@@ -198,8 +198,8 @@ class Masquerade:
         await self._send(service_sets.requests(delta, self._versions()))
 
     async def resync(self, state: IPVSState) -> Delta:
-        """Make the hairpin and dummy-device sets match a kernel dump, writing only the differences (start-up,
-        audit); returns the hairpin part."""
+        """Make the hairpin and dummy-device sets match an IPVS state (the start-up dump, the audit's applied
+        state), writing only the differences; returns the hairpin part."""
         # ``state`` is read here, before the first await: the audit hands over the live applied state.
         self._members.replace(state)
         self._bound = set(state.addresses())

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import logging
 import random
@@ -60,6 +61,27 @@ class DurationObserver(Protocol):
     def observe(self, amount: float) -> None: ...
 
 
+# The check duration histogram's upper bounds (seconds): 0.1 ms to 3.3 s, doubling.
+DURATION_BOUNDS: Final = tuple(0.0001 * 2**k for k in range(16))
+
+
+@dataclass(slots=True)
+class DurationCounts:
+    """A histogram of check durations (``counts[i]``: at most ``DURATION_BOUNDS[i]``, the last: above all).
+
+    Kept here and exported at scrape time rather than observed into prometheus_client's ``Histogram``, whose
+    ``observe`` takes a lock per bucket and per sum: 0.7 us a check against 0.2 us, at 5,000 checks a second
+    (bench/health.py). The checker and the scrape run on the same event loop: no lock is needed.
+    """
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(DURATION_BOUNDS) + 1))
+    total: float = 0.0
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect.bisect_left(DURATION_BOUNDS, amount)] += 1
+        self.total += amount
+
+
 @dataclass(slots=True)
 class HealthStats:
     """What the checker counts (the checker writes, metrics read)."""
@@ -68,6 +90,7 @@ class HealthStats:
     transitions: Counter[str] = field(default_factory=Counter)  # by new state
     stretch_ratio: float = 1.0
     targets: int = 0
+    durations: DurationCounts = field(default_factory=DurationCounts)
 
 
 class _Entry:
@@ -94,7 +117,6 @@ class HealthChecker:
         changed: Callable[[frozenset[ServiceKey]], None],
         *,
         usage: UsageSource | None = None,
-        duration: DurationObserver | None = None,
         lateness: DurationObserver | None = None,
         rng: random.Random | None = None,
         stats: HealthStats | None = None,
@@ -106,7 +128,6 @@ class HealthChecker:
         self._changed = changed
         # Scope "used" without one (the dry-run backend): every target is checked.
         self.usage = usage
-        self._duration = duration
         self._lateness = lateness
         self._rng = rng or random.Random()
         self._random = self._rng.random
@@ -226,9 +247,9 @@ class HealthChecker:
     # --- results -------------------------------------------------------------------------------------------
 
     def _done(self, entry: _Entry, result: str, seconds: float) -> None:
-        self.stats.checks[result] += 1
-        if self._duration is not None:
-            self._duration.observe(seconds)
+        stats = self.stats
+        stats.checks[result] += 1
+        stats.durations.observe(seconds)
         if self._prober is not None and self._prober.inflight == self.settings.concurrency - 1:
             self._wake_now()  # a slot is free and the loop may be waiting for one
         entry.inflight = False

@@ -41,6 +41,7 @@ from typing import Final, Generic, TypeVar
 # struct linger {int l_onoff; int l_linger;}: on, 0 s = close() sends an RST and frees the socket at once.
 _LINGER_RST: Final = struct.pack("ii", 1, 0)
 # The first byte of struct tcp_info is the connection's state (include/net/tcp_states.h).
+_STREAM_NONBLOCK: Final = int(socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
 _TCP_ESTABLISHED: Final = 1
 _TCP_CLOSE: Final = 7
 
@@ -117,7 +118,7 @@ class Prober(Generic[K]):
         began = time.perf_counter()
         family = socket.AF_INET6 if ":" in sockaddr[0] else socket.AF_INET
         try:
-            sock = _socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+            sock = _socket.socket(family, _STREAM_NONBLOCK)
         except OSError as exc:
             done(key, ERROR if exc.errno in _BY_ERRNO else FAILED, 0.0)
             return

@@ -242,3 +242,27 @@ def test_scope_used_checks_only_used_and_unhealthy_backends() -> None:
 
     asyncio.run(scenario())
     assert checker.stats.targets == 2  # 127.0.0.1 (used) and 127.0.0.3 (unhealthy); not 127.0.0.2
+
+
+def test_the_check_duration_histogram_counts_each_check_in_its_bucket() -> None:
+    from prometheus_client.samples import Sample
+
+    from aproxy.core.verdicts import HealthView
+    from aproxy.health.checker import DURATION_BOUNDS, HealthStats
+    from aproxy.metrics import health_metrics
+
+    stats = HealthStats()
+    for seconds in (0.00005, 0.0001, 0.0003, 0.5, 10.0):  # 0.0001 is its bucket's bound: counted in it
+        stats.durations.observe(seconds)
+
+    (family,) = [f for f in health_metrics(HealthView(), stats) if f.name.endswith("check_duration_seconds")]
+    samples: dict[tuple[str, str], float] = {
+        (s.name, s.labels.get("le", "")): s.value for s in family.samples if isinstance(s, Sample)
+    }
+    assert samples[("aproxy_health_check_duration_seconds_bucket", "0.0001")] == 2
+    assert samples[("aproxy_health_check_duration_seconds_bucket", "0.0004")] == 3
+    assert samples[("aproxy_health_check_duration_seconds_bucket", "0.8192")] == 4
+    assert samples[("aproxy_health_check_duration_seconds_bucket", str(DURATION_BOUNDS[-1]))] == 4
+    assert samples[("aproxy_health_check_duration_seconds_bucket", "+Inf")] == 5
+    assert samples[("aproxy_health_check_duration_seconds_count", "")] == 5
+    assert samples[("aproxy_health_check_duration_seconds_sum", "")] == pytest.approx(10.50045)
