@@ -55,10 +55,11 @@ from aproxy.core.verdicts import HealthView
 log = logging.getLogger(__name__)
 
 # Virtual servers one slice of an audit reads the real servers of, and one slice of drain checks reads the
-# connections of: one netlink dump each, ~0.5 ms in the user-mode Linux guest, so a slice holds the kernel
-# loop for about 0.1 s, which is what a due sync may have to wait (bench/e2e.py).
-AUDIT_SLICE: Final = 200
-DRAIN_SLICE: Final = 200
+# connections of: one or two netlink requests each, 3.5 ms a request in the user-mode Linux guest
+# (bench/e2e.py's pass timings at 10,000 services; a fraction of that on a real kernel), so a slice holds the
+# kernel loop for about 0.1 s there, which is what a due sync may have to wait.
+AUDIT_SLICE: Final = 20
+DRAIN_SLICE: Final = 20
 
 
 class NotStarted(RuntimeError):
@@ -176,7 +177,7 @@ class Syncer:
         """Adopt the kernel's owned state, then program the whole cluster (zero operations if unchanged)."""
         # Before the dump: it resyncs the hairpin set, which holds only local endpoints.
         self._local.reset({key: self._local_addresses(key) for key in self._tracker.services()})
-        self._planner = Planner(applied=await self._backend.dump())
+        self._planner = Planner(applied=await self._backend.dump(), adopt=True)  # the dump is not kept
         self._tracker.take_dirty()
         self._retry.clear()
         # Rounds begun on the old planner start over.

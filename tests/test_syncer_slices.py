@@ -253,3 +253,35 @@ def test_the_nat_repair_is_one_command_a_slice_against_the_state_of_its_last_ste
         assert syncer.counters.passes["audit"] == 1
 
     asyncio.run(scenario())
+
+
+class SlowReads(Recording):
+    """Every read of real servers takes 20 ms (a slow kernel); records when each began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.began: list[float] = []
+
+    async def read(self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]) -> IPVSState:
+        self.began.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(0.02)
+        return await super().read(keys, addresses)
+
+
+def test_audit_slices_are_spaced_so_a_round_takes_at_most_its_share_of_the_loop() -> None:
+    from aproxy.kernel_loop import AUDIT_SHARE
+    from tests.test_app import ScriptedSource, running, settings, synced, until
+
+    source, backend = ScriptedSource(), SlowReads()
+    daemon = Daemon(settings(audit_period=0.05, min_sync_period=0), source=source, backend=backend)
+
+    async def scenario() -> None:
+        async with running(daemon):
+            syncer = await synced(daemon, source, *(obj for i in range(SERVICES) for obj in objects(i, 1, 2)))
+            await until(daemon, lambda: syncer.counters.passes["audit"] >= 1)
+
+    asyncio.run(scenario())
+    gaps = [later - earlier for earlier, later in zip(backend.began, backend.began[1:], strict=False)]
+    assert len(gaps) >= 2
+    # Each slice (>= 20 ms) is followed by a rest of (1 - share) / share times its duration.
+    assert min(gaps) >= 0.02 / AUDIT_SHARE - 0.005

@@ -880,3 +880,13 @@ def test_failed_operations_are_re_emitted_until_the_kernel_matches(
     assert node.backend.dump_sync() == IPVSState.from_services(final.values())
     assert node.backend.dump_sync() == node.planner.applied_state()
     assert node.planner.replan(SERVICES).operations == ()
+
+
+def test_a_planner_copies_the_state_it_is_given_unless_it_adopts_it() -> None:
+    dump = IPVSState()
+    dump.apply(BindAddress(ip_address("10.96.0.1")))
+
+    copied, adopted = Planner(applied=dump), Planner(applied=dump, adopt=True)
+
+    assert copied.applied_view() is not dump and copied.applied_view() == dump
+    assert adopted.applied_view() is dump  # the start-up's dump, handed over: no second copy at the peak
