@@ -23,7 +23,9 @@ import resource
 import selectors
 import socket
 import statistics
+import struct
 import sys
+import time
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -40,6 +42,7 @@ LOOPBACK = "127.0.0.1"
 TARGET_CPU = 0.25  # share of one core
 TARGET_P99_LATENESS = 0.100  # seconds
 OPEN_CONNECTION_ROUNDS = 3000
+BARE_ROUNDS = 20000
 
 
 def serve(count: int, ports: multiprocessing.connection.Connection, stop: multiprocessing.Event) -> None:  # type: ignore[valid-type]
@@ -121,6 +124,23 @@ async def check_for(
     return checker, lateness, spent, waits
 
 
+def bare_cost(ports: list[int]) -> float:
+    """CPU seconds of this process per check made of the system calls alone, in a plain loop (socket,
+    SO_LINGER, connect, TCP_INFO, close): the floor under the checker on this machine, now (it moves with the
+    machine's load by a quarter or more between runs), paced like the checker (a batch every 5 ms)."""
+    linger = struct.pack("ii", 1, 0)
+    began = cpu()
+    for index in range(BARE_ROUNDS):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        sock.connect_ex((LOOPBACK, ports[index % len(ports)]))
+        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+        sock.close()
+        if index % 25 == 24:
+            time.sleep(0.005)
+    return (cpu() - began) / BARE_ROUNDS
+
+
 async def open_connection_cost(ports: list[int]) -> float:
     """CPU seconds of this process per ``asyncio.open_connection`` plus close (the naive prober)."""
     began = cpu()
@@ -166,6 +186,7 @@ def main() -> None:
     )
     checker, lateness, spent, waits = uvloop.run(check_for(ports, args.seconds, args.interval))
     naive = uvloop.run(open_connection_cost(ports))
+    bare = bare_cost(ports)
     stop.set()
     for worker in workers:
         worker.join(timeout=10)
@@ -176,7 +197,7 @@ def main() -> None:
     values = sorted(lateness.values)
     p99 = values[int(len(values) * 0.99)] if values else float("nan")
     per_check = spent / checks
-    accepting_per = accepting / (checks + OPEN_CONNECTION_ROUNDS)
+    accepting_per = accepting / (checks + OPEN_CONNECTION_ROUNDS + BARE_ROUNDS)
     expected = len(ports) / args.interval * args.seconds
     rows = [
         (f"checks run (expected ~{expected:,.0f})", f"{checks:,}", ""),
@@ -194,6 +215,11 @@ def main() -> None:
             "not growing" if waits[-1] <= waits[0] + 10 else "GROWING",
         ),
         ("CPU per check, checker", f"{per_check * 1e6:.1f} µs", ""),
+        (
+            "CPU per check, its system calls alone",
+            f"{bare * 1e6:.1f} µs",
+            f"checker/floor {per_check / bare:.2f}; floor at 5,000/s: {bare * 5000:.1%} of a core",
+        ),
         ("CPU per check, accepting side (approx.)", f"{accepting_per * 1e6:.1f} µs", ""),
         (
             "CPU per open_connection + close, this side",
