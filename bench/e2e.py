@@ -10,7 +10,7 @@ endpoint replaced per change).
 Reported per N and rate:
 - network programming latency p50 / p99 / max, from aproxy's own
   ``kubeproxy_network_programming_duration_seconds`` (bucket estimates) and from the driver's clock (a sample
-  of changes, each polled in the kernel over netlink every 10 ms until its new real server is there);
+  of changes, each polled in the kernel over netlink every 25 ms until its new real server is there);
 - the changes the driver achieved (the fake API server and the driver share one process: past a few hundred
   changes per second in the guest, the driver is the bottleneck, and the figures say so);
 - CPU seconds of the aproxy process per 1,000 changes;
@@ -18,13 +18,15 @@ Reported per N and rate:
   kernel that already holds the rules (a restart; the IPVS operations it made are counted: the target is 0);
 - peak RSS of the process (VmHWM).
 
-Usage (as root, after ``make install``; a full run takes about 15 minutes)::
+Usage (as root, after ``make install``; a full run takes about 25 minutes)::
 
     .venv/bin/python bench/e2e.py                          # N = 1000,10000; rates 10,100,1000; 60 s each
     .venv/bin/python bench/e2e.py --services 1000 --rates 10,100 --seconds 20    # a quick look
 
-It prints a table, writes ``build/e2e/results.json`` and, when matplotlib is installed (a bench-only
-dependency: ``.venv/bin/pip install matplotlib``), ``docs/e2e-latency.png``.
+It prints a table, writes ``build/e2e/results.json``, aproxy's debug log per N (``build/e2e/aproxy-<N>.log``:
+every kernel-loop pass with its duration) and, when matplotlib is installed (a bench-only dependency:
+``.venv/bin/pip install matplotlib``), ``docs/e2e-latency.png``. ``--profile`` runs the measured aproxy under
+cProfile (in the guest that slows it tenfold: for where the time goes, not for figures).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ ENDPOINTS = 10
 ROLLING_PODS = 100
 SAMPLES_PER_SECOND = 5  # driver-clock samples: each polls the kernel every POLL seconds
 # Every poll is a netlink dump in the guest's one CPU, which aproxy shares: 25 ms keeps the driver's own load
-# small (about 3 polls a second per pending sample fewer than at 10 ms) for a resolution of +-12.5 ms.
+# small (40 polls a second per pending sample instead of 100 at 10 ms) for a resolution of +-12.5 ms.
 POLL = 0.025
 MIN_SYNC_PERIOD = "1s"
 # User-mode Linux maps each guest page of a guest process into a host process on its own: a guest process of
