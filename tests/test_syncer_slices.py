@@ -23,8 +23,10 @@ from aproxy.core.model import (
     VirtualServerKey,
 )
 from aproxy.core.state import IPVSState
+from aproxy.kernel_loop import AUDIT_SHARE
 from aproxy.syncer import Syncer
 from tests.core.k8s import endpoint, endpoint_slice, port, service, slice_port
+from tests.test_app import ScriptedSource, running, settings, synced, until
 from tests.test_syncer import CTX, listed_tracker
 
 SERVICES = 8
@@ -192,11 +194,8 @@ class FeedingDuringAudit(Recording):
         return await super().read(keys, addresses)
 
 
-def test_the_kernel_loop_syncs_a_change_between_two_audit_slices() -> None:
-    from tests.test_app import ScriptedSource, running, settings, synced, until
-
-    source = ScriptedSource()
-    backend = FeedingDuringAudit(lambda: source.feed(objects(3, 1, 2, 3, rv="2")[1]))
+def one_audit_round(source: ScriptedSource, backend: MemoryBackend) -> None:
+    """The daemon on ``backend``, the cluster listed, until its first audit round has ended."""
     daemon = Daemon(settings(audit_period=0.05, min_sync_period=0), source=source, backend=backend)
 
     async def scenario() -> None:
@@ -205,6 +204,12 @@ def test_the_kernel_loop_syncs_a_change_between_two_audit_slices() -> None:
             await until(daemon, lambda: syncer.counters.passes["audit"] >= 1)
 
     asyncio.run(scenario())
+
+
+def test_the_kernel_loop_syncs_a_change_between_two_audit_slices() -> None:
+    source = ScriptedSource()
+    backend = FeedingDuringAudit(lambda: source.feed(objects(3, 1, 2, 3, rv="2")[1]))
+    one_audit_round(source, backend)
     round_ = backend.log[backend.log.index(("outline", 0)) :]
     reads = [index for index, (call, _) in enumerate(round_) if call == "read"]
     synced_at = round_.index(("apply", 1))  # the change: one real server added
@@ -269,18 +274,8 @@ class SlowReads(Recording):
 
 
 def test_audit_slices_are_spaced_so_a_round_takes_at_most_its_share_of_the_loop() -> None:
-    from aproxy.kernel_loop import AUDIT_SHARE
-    from tests.test_app import ScriptedSource, running, settings, synced, until
-
-    source, backend = ScriptedSource(), SlowReads()
-    daemon = Daemon(settings(audit_period=0.05, min_sync_period=0), source=source, backend=backend)
-
-    async def scenario() -> None:
-        async with running(daemon):
-            syncer = await synced(daemon, source, *(obj for i in range(SERVICES) for obj in objects(i, 1, 2)))
-            await until(daemon, lambda: syncer.counters.passes["audit"] >= 1)
-
-    asyncio.run(scenario())
+    backend = SlowReads()
+    one_audit_round(ScriptedSource(), backend)
     gaps = [later - earlier for earlier, later in zip(backend.began, backend.began[1:], strict=False)]
     assert len(gaps) >= 2
     # Each slice (>= 20 ms) is followed by a rest of (1 - share) / share times its duration.
