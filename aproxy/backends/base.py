@@ -94,8 +94,8 @@ class Backend(Protocol):
         objects asked for, not of the whole node.
 
         An unowned or absent virtual server is absent from the result, exactly as ``dump()`` would show it;
-        nothing else is read, and no repair is done (the audit's ``dump()`` does that). Raises BackendError
-        only when nothing could be read.
+        nothing else is read, and no source NAT repair is done (``NatRepair``'s). Raises BackendError only
+        when nothing could be read.
         """
         ...
 

@@ -14,7 +14,8 @@
   created on another address and recorded in its state file (ownership.py). Everything else in the kernel
   (keepalived's, an operator's) is invisible to it.
 - Around IPVS: the sysctls it needs (sysctl.py, at open), source NAT for node, hairpin and optionally other
-  traffic (masquerade.py: chains at open, hairpin set after every batch, both repaired at every full dump),
+  traffic (masquerade.py: chains at open, hairpin set after every batch, both repaired by the start-up dump
+  and at the end of every audit round, ``repair_nat_steps``),
   and stale UDP conntrack entries deleted after every batch that removed UDP real servers (conntrack.py).
 """
 
