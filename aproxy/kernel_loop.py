@@ -243,7 +243,7 @@ class KernelLoop:
         if syncer.auditing:
             # The next slice after a rest (and after any sync that is due): an audit round takes at most
             # AUDIT_SHARE of the loop's time, however long its reads are (at 10,000 services in the guest
-            # they add up to ~75 s: the round then takes ~5 minutes).
+            # they add up to 100-200 s: the round then takes 7-13 minutes).
             self._next_audit = loop.time() + spent * (1 - AUDIT_SHARE) / AUDIT_SHARE
         else:
             self._audit_duration.observe(self._audit_spent)  # the round's time in the kernel loop

@@ -56,9 +56,9 @@ log = logging.getLogger(__name__)
 
 # Virtual servers one slice of an audit reads the real servers of, and one slice of drain checks reads the
 # connections of: one or two netlink requests each, 3.5-7 ms a request in the user-mode Linux guest under
-# load (bench/e2e.py's pass timings at 10,000 services: 0.25-0.5 s for an audit slice of 20; a fraction of
-# that on a real kernel), so a slice holds the kernel loop for about 0.1 s there, which is what a due sync
-# may have to wait.
+# load (bench/e2e.py's pass timings at 10,000 services: 0.25-0.5 s for an audit slice of 20, 0.19 s on
+# average for one of 10; a fraction of that on a real kernel): a slice of 10 is what a due sync may have to
+# wait for there.
 AUDIT_SLICE: Final = 10
 DRAIN_SLICE: Final = 10
 
