@@ -81,7 +81,7 @@ PROGRAMMING_BUCKETS: Final = (
 )
 # client-go's, as aproxy.sources.kube.requests counts them (metrics must not import the Kubernetes source).
 REST_CLIENT_BUCKETS: Final = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
-# A check on a LAN answers in well under a millisecond; a timeout is seconds: 0.1 ms x 2^k, up to ~3.3 s.
+
 # Counters a source may keep as plain attributes: (attribute, metric name without prefix, help, label).
 # An int attribute becomes one sample; a Counter (or any str -> int mapping) one sample per key, under label.
 # FileSource keeps reloads/reload_errors; KubernetesSource the watch counters.

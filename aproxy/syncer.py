@@ -23,7 +23,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from errno import EBUSY
 from typing import Final
@@ -242,10 +242,7 @@ class Syncer:
 
     async def audit(self) -> SyncReport:
         """A whole audit in one call (tests, bench/kernel.py): every slice in a row."""
-        results = list((await self.audit_slice()).results)
-        while self.auditing:
-            results += (await self.audit_slice()).results
-        return SyncReport("audit", tuple(results))
+        return await _whole_round("audit", self.audit_slice, lambda: self.auditing)
 
     async def audit_slice(self) -> SyncReport:
         """One slice of an audit: repair what differs between the kernel and the applied state.
@@ -301,10 +298,7 @@ class Syncer:
 
     async def drain(self) -> SyncReport:
         """A whole round of drain checks in one call (tests): every slice in a row."""
-        results = list((await self.drain_slice()).results)
-        while self.draining_round:
-            results += (await self.drain_slice()).results
-        return SyncReport("drain", tuple(results))
+        return await _whole_round("drain", self.drain_slice, lambda: self.draining_round)
 
     async def drain_slice(self) -> SyncReport:
         """Delete drained TCP real servers with no connections left, or past their grace period.
@@ -440,6 +434,16 @@ class Syncer:
                     "skipped": str(conflict.service),
                 },
             )
+
+
+async def _whole_round(
+    kind: str, next_slice: Callable[[], Awaitable[SyncReport]], going_on: Callable[[], bool]
+) -> SyncReport:
+    """A round of slices run back to back: the first, then more while the round goes on."""
+    results = list((await next_slice()).results)
+    while going_on():
+        results += (await next_slice()).results
+    return SyncReport(kind, tuple(results))
 
 
 def sorted_keys(keys: Iterable[ServiceKey]) -> list[ServiceKey]:

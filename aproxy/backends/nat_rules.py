@@ -313,11 +313,11 @@ class LoopBackMembers:
     def replace(self, state: IPVSState) -> None:
         """Take the membership of a kernel dump (start-up, audit): O(cluster), like the dump itself."""
         is_local = self.is_local
-        by_virtual = {
-            key: {real for real in state.real_servers(key) if is_local(real.address)}
+        self._by_virtual = {
+            key: reals
             for key in state.virtual_keys()
+            if (reals := {real for real in state.real_servers(key) if is_local(real.address)})
         }
-        self._by_virtual = {key: reals for key, reals in by_virtual.items() if reals}
         self._counts = Counter(
             _entry(virtual, real) for virtual, reals in self._by_virtual.items() for real in reals
         )
