@@ -11,9 +11,11 @@ One loop runs the ``Syncer``'s passes one at a time, never overlapping:
 
 A due sync always goes first. An audit and a round of drain checks run in slices (``Syncer.audit_slice``,
 ``drain_slice``), one slice a pass, the next one due after any due sync: at 10,000 services a whole audit
-reads the kernel for seconds, and a sync waits for at most one slice. Audit slices are also spaced out, so
-that a round takes at most ``AUDIT_SHARE`` of the loop's time (a drain check's next slice is due at once:
-drains must keep up with the endpoints removed).
+reads the kernel for seconds. A slice does not start when it would still be running as the next sync falls
+due (core/slice_fit.py judges that from the recent slices of the same step), except right after a sync, so
+a due sync waits for no slice in the common case and for at most one otherwise. Audit slices are also
+spaced out, so that a round takes at most ``AUDIT_SHARE`` of the loop's time (a drain check's next slice is
+due at once: drains must keep up with the endpoints removed).
 
 A failed sync is retried after the ``RetryPolicy``'s backoff (aproxy/core/backoff.py: 1 s, 2 s, 4 s, ... at
 most 30 s by default), fed to the scheduler as its retry interval; the backoff starts over after a success.
@@ -41,6 +43,7 @@ from aproxy.core.changes import ChangeTracker
 from aproxy.core.debounce import SyncScheduler
 from aproxy.core.latency import ProgrammingLatency
 from aproxy.core.model import ServiceKey
+from aproxy.core.slice_fit import SliceDurations, may_start
 from aproxy.startup_gc import StartupCollection
 from aproxy.syncer import Syncer, SyncReport
 
@@ -116,6 +119,10 @@ class KernelLoop:
         self._next_audit: float | None = None
         self._next_drain: float | None = None
         self._audit_spent = 0.0  # the audit round so far: its slices' durations
+        self._slices = SliceDurations()
+        self._after_sync = (
+            False  # the last pass was a sync: a slice may start whatever it is expected to take
+        )
 
     async def run(self, syncer: Syncer) -> None:
         """Run the passes, forever (until cancelled)."""
@@ -130,10 +137,15 @@ class KernelLoop:
             now = loop.time()
             kind = self._due(now)
             if kind is not None:
+                step = self._step(kind)  # taken before the pass: the pass moves the round on
                 began = time.perf_counter()
                 await passes[kind](syncer, now)
+                seconds = time.perf_counter() - began
                 # Every pass, timed: what a due change may have waited for (bench/e2e.py reads these).
-                log.debug("pass", extra={"kind": kind, "seconds": round(time.perf_counter() - began, 4)})
+                log.debug("pass", extra={"kind": kind, "seconds": round(seconds, 4)})
+                if kind != "sync":
+                    self._slices.record(step, seconds)
+                self._after_sync = kind == "sync"
                 self._after_pass(syncer, loop.time())
                 continue
             # No await between clear() and wait(): a change cannot slip in unnoticed.
@@ -162,17 +174,42 @@ class KernelLoop:
             return "sync"
         if self._needs_full:
             return None  # the full pass that is due anyway does what an audit or a drain check would
-        if self._next_audit is not None and now >= self._next_audit:
-            return "audit"
-        if self._next_drain is not None and now >= self._next_drain:
-            return "drain"
+        sync_at = self._sync_at(now)
+        for kind, at in self._slices_due():
+            if now >= at and self._fits(kind, now, sync_at):
+                return kind
         return None
 
     def _next_deadline(self, now: float) -> float | None:
-        sync_at = self._scheduler.next_wakeup(now) if self._tracker.initialized else None
-        others = (self._next_audit, self._next_drain) if not self._needs_full else ()
+        sync_at = self._sync_at(now)
+        # A slice that would not fit before the next sync waits for it: the sync's time is the deadline.
+        # Judged at the slice's time, or now if that has passed (judged at a past time, a slice that does
+        # not fit now would look due, and the loop would spin until the sync).
+        starts = [] if self._needs_full else [(kind, max(at, now)) for kind, at in self._slices_due()]
+        others = [at for kind, at in starts if self._fits(kind, at, sync_at)]
         times = [t for t in (sync_at, *others) if t is not None]
         return min(times) if times else None
+
+    def _sync_at(self, now: float) -> float | None:
+        return self._scheduler.next_wakeup(now) if self._tracker.initialized else None
+
+    def _slices_due(self) -> list[tuple[PassKind, float]]:
+        """The audit's and the drain check's next slices, with when each is due (audit first)."""
+        due: list[tuple[PassKind, float]] = []
+        if self._next_audit is not None:
+            due.append(("audit", self._next_audit))
+        if self._next_drain is not None:
+            due.append(("drain", self._next_drain))
+        return due
+
+    def _fits(self, kind: PassKind, at: float, sync_at: float | None) -> bool:
+        expected = self._slices.expected(self._step(kind))
+        return may_start(at, expected, sync_at, after_sync=self._after_sync)
+
+    def _step(self, kind: PassKind) -> str:
+        if kind == "audit" and self.syncer is not None:
+            return f"audit: {self.syncer.audit_step}"
+        return kind
 
     async def _sync_pass(self, syncer: Syncer, now: float) -> None:
         full = self._needs_full

@@ -232,6 +232,14 @@ class Syncer:
         """A round of drain checks has begun and has slices left (``drain_slice`` goes on with it)."""
         return self._drain_queue is not None
 
+    @property
+    def audit_step(self) -> str:
+        """What the next audit slice does (its cost differs by step): ``outline`` (a round begins), ``real
+        servers`` (a slice of them), or ``surroundings`` (a chain or set command)."""
+        if self._audit_queue is None:
+            return "outline"
+        return "real servers" if self._audit_queue else "surroundings"
+
     def abandon_audit(self) -> None:
         """The kernel could not be read: the round ends here; the next audit starts a new one."""
         self._audit_queue = self._audit_tail = None

@@ -15,6 +15,7 @@ from aproxy.app import Daemon
 from aproxy.backends.base import RealServerConnections
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.model import (
+    AddRealServer,
     DeleteRealServer,
     DeleteVirtualServer,
     IPAddress,
@@ -280,3 +281,53 @@ def test_audit_slices_are_spaced_so_a_round_takes_at_most_its_share_of_the_loop(
     assert len(gaps) >= 2
     # Each slice (>= 20 ms) is followed by a rest of (1 - share) / share times its duration.
     assert min(gaps) >= 0.02 / AUDIT_SHARE - 0.005
+
+
+class SlowConnectionReads(Recording):
+    """Every connection-count read takes 100 ms (a drain slice of three: 300 ms); records when each apply
+    that adds a real server began (a sync's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.adds: list[float] = []
+
+    async def connections(self, key: VirtualServerKey) -> Mapping[RealServerKey, RealServerConnections]:
+        await asyncio.sleep(0.1)
+        return await super().connections(key)
+
+    async def apply(self, operations: Any) -> Any:
+        if any(isinstance(op, AddRealServer) for op in operations):
+            self.adds.append(asyncio.get_running_loop().time())
+        return await super().apply(operations)
+
+
+def test_a_drain_slice_does_not_start_when_it_would_hold_up_a_due_sync() -> None:
+    services, period = 12, 0.4
+    source, backend = ScriptedSource(), SlowConnectionReads()
+    daemon = Daemon(
+        settings(min_sync_period=period, drain_check_period=0.01, audit_period=3600),
+        source=source,
+        backend=backend,
+    )
+    for index in range(services):  # pod 2 of every service keeps a connection: it drains for ever
+        backend.connection_counts[(virtual(index), RealServerKey(ip_address(pod(index, 2)), 8080))] = (
+            RealServerConnections(active=1, inactive=0)
+        )
+
+    async def scenario() -> None:
+        async with running(daemon):
+            syncer = await synced(daemon, source, *(obj for i in range(services) for obj in objects(i, 1, 2)))
+            source.feed(*(objects(index, 1, rv="2")[1] for index in range(services)))
+            await until(daemon, lambda: syncer.counters.passes["drain"] >= 1)  # rounds of 300 ms slices
+            backend.adds.clear()
+            # A change every 20 ms for 3 s: a sync is due every period, while drain slices keep coming.
+            for step in range(150):
+                source.feed(objects(0, 1, *range(10, 11 + step), rv=str(3 + step))[1])
+                await asyncio.sleep(0.02)
+
+    asyncio.run(scenario())
+    gaps = [later - earlier for earlier, later in zip(backend.adds, backend.adds[1:], strict=False)]
+    assert len(gaps) >= 4
+    # Each sync starts when due (the period after the last one began), not after a slice that was started
+    # just before: that would make a gap of up to period + 300 ms.
+    assert max(gaps) < period + 0.1, gaps
