@@ -35,16 +35,17 @@ from pathlib import Path
 from typing import Final, Protocol
 
 import aiohttp
-from kubernetes_asyncio.client import Configuration
-from kubernetes_asyncio.config.config_exception import ConfigException
-from kubernetes_asyncio.config.incluster_config import (
+
+from aproxy.sources.kube.client import (
     SERVICE_CERT_FILENAME,
     SERVICE_HOST_ENV_NAME,
     SERVICE_TOKEN_FILENAME,
+    ConfigException,
+    Configuration,
     InClusterConfigLoader,
+    KubeConfigLoader,
+    KubeConfigMerger,
 )
-from kubernetes_asyncio.config.kube_config import KubeConfigLoader, KubeConfigMerger
-
 from aproxy.sources.kube.errors import KubernetesConfigError
 
 log = logging.getLogger(__name__)

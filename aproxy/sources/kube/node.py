@@ -18,12 +18,12 @@ from typing import Any, Final, cast
 
 import aiohttp
 import orjson
-from kubernetes_asyncio.client import ApiClient, Configuration, CoreV1Api
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from aproxy.core.backoff import RetryPolicy
 from aproxy.core.model import IPAddress
 from aproxy.core.objects import parse_ip
+from aproxy.sources.kube.client import ApiClient, Configuration, CoreV1Api
 from aproxy.sources.kube.errors import (
     ApiConnectionError,
     ApiProtocolError,

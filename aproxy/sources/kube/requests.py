@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from kubernetes_asyncio.client import ApiClient
-from kubernetes_asyncio.client.exceptions import ApiException
+from aproxy.sources.kube.client import ApiClient, ApiException
 
 # client-go's buckets for rest_client_request_duration_seconds (component-base/metrics/prometheus/restclient).
 DURATION_BUCKETS: Final = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)

@@ -18,9 +18,9 @@ from typing import Any, Final, TypeAlias, cast
 
 import aiohttp
 import orjson
-from kubernetes_asyncio.client import ApiClient, CoreV1Api, DiscoveryV1Api
 
 from aproxy.core.objects import HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL
+from aproxy.sources.kube.client import ApiClient, CoreV1Api, DiscoveryV1Api
 from aproxy.sources.kube.errors import ApiConnectionError, ApiProtocolError, describe, raise_for_status
 
 # kube-proxy's informers select both kinds with this selector (cmd/kube-proxy/app/server.go).

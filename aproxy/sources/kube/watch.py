@@ -42,11 +42,11 @@ from typing import Any, Final, cast
 
 import aiohttp
 import orjson
-from kubernetes_asyncio.client import ApiClient, Configuration
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from aproxy.core.backoff import RetryPolicy
 from aproxy.sources.base import ListedKind, ObjectSink
+from aproxy.sources.kube.client import ApiClient, Configuration
 from aproxy.sources.kube.config import CredentialRenewal
 from aproxy.sources.kube.errors import (
     RETRYABLE,
