@@ -142,7 +142,7 @@ class KernelLoop:
                 await passes[kind](syncer, now)
                 seconds = time.perf_counter() - began
                 # Every pass, timed: what a due change may have waited for (bench/e2e.py reads these).
-                log.debug("pass", extra={"kind": kind, "seconds": round(seconds, 4)})
+                log.debug("pass", extra={"kind": kind, "step": step, "seconds": round(seconds, 4)})
                 if kind != "sync":
                     self._slices.record(step, seconds)
                 self._after_sync = kind == "sync"
@@ -203,7 +203,8 @@ class KernelLoop:
         return due
 
     def _fits(self, kind: PassKind, at: float, sync_at: float | None) -> bool:
-        expected = self._slices.expected(self._step(kind))
+        # A step never seen yet is expected to take a whole period: after a sync, or with none due soon.
+        expected = self._slices.expected(self._step(kind), unseen=self._scheduler.min_interval)
         return may_start(at, expected, sync_at, after_sync=self._after_sync)
 
     def _step(self, kind: PassKind) -> str:

@@ -87,6 +87,8 @@ class RateResult:
     metric: dict[str, float | None]  # p50, p99, max (bucket upper bound) from aproxy's histogram
     driver: dict[str, float | None]  # p50, p99, max from the driver's clock
     driver_samples: list[float] = field(default_factory=list)
+    # Each sample's write (wall clock, seconds) and latency: to match a late change with aproxy's log.
+    driver_timeline: list[tuple[float, float]] = field(default_factory=list)
     cpu_per_1000: float = 0.0
 
 
@@ -159,8 +161,9 @@ class Aproxy:
         # --profile: the whole process under cProfile (its stats are written when SIGTERM stops it).
         profiled = ("-m", "cProfile", "-o", str(profile)) if profile is not None else ()
         command = [
-            # At debug level the log times every kernel-loop pass (build/e2e/aproxy-<N>.log).
-            *(sys.executable, *profiled, "-m", "aproxy.cli", "--log-level", "debug"),
+            # At debug level the log times every kernel-loop pass (build/e2e/aproxy-<N>.log); JSON lines carry
+            # their time, so a late change can be matched with the pass it waited for.
+            *(sys.executable, *profiled, "-m", "aproxy.cli", "--log-level", "debug", "--log-format", "json"),
             *("run", "--kubeconfig", str(kubeconfig)),
             *("--node-name", "node-a", "--node-ip", NODE_IP, "--min-sync-period", MIN_SYNC_PERIOD),
             # The endpoints are addresses without pods: 100,000 failing probes would be measured, not syncs.
@@ -309,11 +312,12 @@ class Driver:
         self.api.update("endpointslices", endpoint_slice(index, self.addresses[index]))
         return index, address
 
-    async def run(self, shape: str, rate: int, seconds: float) -> tuple[int, list[float]]:
-        """Changes at ``rate`` per second for ``seconds``; returns (changes made, driver-clock latencies)."""
+    async def run(self, shape: str, rate: int, seconds: float) -> tuple[int, list[tuple[float, float]]]:
+        """Changes at ``rate`` per second for ``seconds``; returns (changes made, [(wall clock of the write,
+        driver-clock latency)] of the sampled changes)."""
         interval = 1.0 / rate
         sample_every = max(1, rate // SAMPLES_PER_SECOND)
-        latencies: list[float] = []
+        latencies: list[tuple[float, float]] = []
         pollers: list[asyncio.Task[None]] = []
         start = time.monotonic()
         count = 0
@@ -326,11 +330,14 @@ class Driver:
         await asyncio.gather(*pollers)
         return count, latencies
 
-    async def _until_programmed(self, index: int, address: str, written: float, into: list[float]) -> None:
+    async def _until_programmed(
+        self, index: int, address: str, written: float, into: list[tuple[float, float]]
+    ) -> None:
+        wall = time.time() - (time.monotonic() - written)
         deadline = written + 120
         while time.monotonic() < deadline:
             if await self.kernel.has(index, address):
-                into.append(time.monotonic() - written)
+                into.append((wall, time.monotonic() - written))
                 return
             await asyncio.sleep(POLL)
 
@@ -404,8 +411,9 @@ async def measure(args: argparse.Namespace, say: Narration, family_id: int) -> d
                     changes=changes,
                     seconds=args.seconds,
                     metric=bucket_quantiles(before, histogram(await aproxy.samples())),
-                    driver=quantiles(latencies),
-                    driver_samples=latencies,
+                    driver=quantiles([latency for _, latency in latencies]),
+                    driver_samples=[latency for _, latency in latencies],
+                    driver_timeline=sorted(latencies),
                     cpu_per_1000=(aproxy.cpu_seconds() - cpu) * 1000 / max(changes, 1),
                 )
                 rates.append(result)

@@ -16,11 +16,13 @@ from aproxy.backends.base import RealServerConnections
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.model import (
     AddRealServer,
+    BindAddress,
     DeleteRealServer,
     DeleteVirtualServer,
     IPAddress,
     L4Protocol,
     RealServerKey,
+    UnbindAddress,
     VirtualServerKey,
 )
 from aproxy.core.state import IPVSState
@@ -65,6 +67,10 @@ class Recording(MemoryBackend):
         super().__init__()
         self.log: list[tuple[str, int]] = []
 
+    async def bound_addresses(self) -> frozenset[IPAddress]:
+        self.log.append(("addresses", 0))
+        return await super().bound_addresses()
+
     async def outline(self) -> IPVSState:
         self.log.append(("outline", 0))
         return await super().outline()
@@ -93,7 +99,7 @@ async def cluster() -> tuple[Any, Recording, Syncer]:
     return tracker, backend, syncer
 
 
-def test_an_audit_reads_an_outline_then_real_servers_a_slice_at_a_time_and_repairs_each() -> None:
+def test_an_audit_reads_addresses_an_outline_then_real_servers_a_slice_at_a_time_and_repairs_each() -> None:
     async def scenario() -> None:
         _, backend, syncer = await cluster()
         expected = backend.dump_sync()
@@ -101,8 +107,9 @@ def test_an_audit_reads_an_outline_then_real_servers_a_slice_at_a_time_and_repai
         backend.apply_sync([DeleteVirtualServer(virtual(0))])  # caught by the outline
         backend.apply_sync([DeleteRealServer(virtual(7), RealServerKey(ip_address(pod(7, 2)), 8080))])
 
+        assert not (await syncer.audit_slice()).results  # the bound addresses: none differ
         first = await syncer.audit_slice()
-        assert backend.log == [("outline", 0), ("read", 1)]  # just the differing virtual server
+        assert backend.log == [("addresses", 0), ("outline", 0), ("read", 1)]  # just the differing one
         assert [r.operation.name for r in first.results] == ["add_virtual_server", *["add_real_server"] * 2]
         assert syncer.auditing
 
@@ -110,7 +117,7 @@ def test_an_audit_reads_an_outline_then_real_servers_a_slice_at_a_time_and_repai
         while syncer.auditing:
             repaired += [r.operation.name for r in (await syncer.audit_slice()).results]
 
-        reads = [count for call, count in backend.log[2:]]
+        reads = [count for call, count in backend.log[3:]]
         assert reads == [SLICE, SLICE, SERVICES - 1 - 2 * SLICE]  # the 7 others, 3 at a time
         assert repaired == ["add_real_server"]  # virtual(7)'s, in the last slice
         assert backend.dump_sync() == expected
@@ -121,9 +128,24 @@ def test_an_audit_reads_an_outline_then_real_servers_a_slice_at_a_time_and_repai
     asyncio.run(scenario())
 
 
+def test_an_address_unbound_behind_aproxys_back_is_found_and_bound_by_the_rounds_first_slice() -> None:
+    async def scenario() -> None:
+        _, backend, syncer = await cluster()
+        backend.apply_sync([UnbindAddress(virtual(4).address)])
+
+        first = await syncer.audit_slice()
+
+        assert backend.log == [("addresses", 0), ("read", 0)]  # that address alone, no virtual server
+        assert [r.operation for r in first.results] == [BindAddress(virtual(4).address)]
+        assert syncer.audit_step == "outline"
+
+    asyncio.run(scenario())
+
+
 def test_a_sync_between_two_slices_is_not_undone_by_the_audit() -> None:
     async def scenario() -> None:
         tracker, backend, syncer = await cluster()
+        await syncer.audit_slice()  # the bound addresses
         await syncer.audit_slice()  # the outline: every key queued
 
         # Between two slices a sync deletes svc-7 and adds an endpoint to svc-6 (not read yet).
@@ -243,6 +265,7 @@ def test_the_nat_repair_is_one_command_a_slice_against_the_state_of_its_last_ste
         await syncer.start()
         backend.steps.clear()
 
+        await syncer.audit_slice()  # the bound addresses
         await syncer.audit_slice()  # the outline
         await syncer.audit_slice()  # the one slice of real servers
         await syncer.audit_slice()

@@ -82,9 +82,13 @@ class Backend(Protocol):
         """The state aproxy owns on this node (foreign virtual servers left out)."""
         ...
 
+    async def bound_addresses(self) -> frozenset[IPAddress]:
+        """The addresses bound on aproxy's device now: one address dump (an audit round's first slice)."""
+        ...
+
     async def outline(self) -> IPVSState:
-        """The owned virtual servers with their specs, and the bound addresses, without real servers: one
-        dump of the virtual servers, where ``dump()`` also reads every one's real servers (the audit's first
+        """The owned virtual servers with their specs, without real servers or addresses: one dump of the
+        virtual servers, where ``dump()`` also reads every one's real servers (an audit round's second
         slice; the next ones ``read()`` the real servers a slice at a time)."""
         ...
 

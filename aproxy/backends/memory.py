@@ -58,13 +58,14 @@ class MemoryBackend:
         self.dumps += 1
         return self.dump_sync()
 
+    async def bound_addresses(self) -> frozenset[IPAddress]:
+        return self._state.addresses()
+
     async def outline(self) -> IPVSState:
         self.outlines += 1
         state = IPVSState()
         for key in self._state.virtual_keys():
             state.replace_virtual(key, self._state.spec(key), {})
-        for address in self._state.addresses():
-            state.set_bound(address, True)
         return state
 
     async def read(self, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]) -> IPVSState:

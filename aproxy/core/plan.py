@@ -21,6 +21,7 @@ update, never a delete followed by an add. Addresses are shared: bound while any
 from __future__ import annotations
 
 from collections.abc import Collection, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -227,10 +228,15 @@ class Planner:
         keys, addresses = self._applied.differences(kernel)
         return self._repair(kernel, keys, addresses)
 
-    def outline_differences(self, outline: IPVSState) -> tuple[set[VirtualServerKey], set[IPAddress]]:
-        """The keys and addresses where the kernel's outline (``Backend.outline``) disagrees with the
-        applied state: the audit's first slice reads and repairs them."""
+    def outline_differences(self, outline: IPVSState) -> set[VirtualServerKey]:
+        """The keys where the kernel's outline (``Backend.outline``) disagrees with the applied state: the
+        audit's outline slice reads and repairs them."""
         return self._applied.outline_differences(outline)
+
+    def address_differences(self, bound: AbstractSet[IPAddress]) -> set[IPAddress]:
+        """The addresses bound in the kernel (``bound``) or in the applied state only: the audit's first
+        slice reads and repairs them."""
+        return self._applied.address_differences(bound)
 
     def repair_among(
         self, kernel: IPVSState, keys: Collection[VirtualServerKey], addresses: Collection[IPAddress]

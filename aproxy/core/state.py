@@ -9,6 +9,7 @@ with the errno the kernel answers, so that tests on the memory backend catch the
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from errno import EADDRNOTAVAIL, EEXIST, ENOENT, ESRCH
 from types import MappingProxyType
@@ -247,15 +248,19 @@ class IPVSState:
         }
         return differing, unbound
 
-    def outline_differences(self, outline: IPVSState) -> tuple[set[VirtualServerKey], set[IPAddress]]:
+    def outline_differences(self, outline: IPVSState) -> set[VirtualServerKey]:
         """Where ``outline`` (the kernel's virtual servers and specs, real servers not read) disagrees with
-        this state: keys on one side only, a different spec, an address bound on one side only."""
+        this state: keys on one side only, or with a different spec."""
         keys = set(self._virtual.keys() ^ outline._virtual.keys())
         for key, virtual in self._virtual.items():
             theirs = outline._virtual.get(key)
             if theirs is not None and theirs.spec != virtual.spec:
                 keys.add(key)
-        return keys, self._addresses ^ outline._addresses
+        return keys
+
+    def address_differences(self, bound: AbstractSet[IPAddress]) -> set[IPAddress]:
+        """The addresses bound on one side only: here, or in ``bound`` (the kernel's)."""
+        return set(self._addresses ^ bound)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, IPVSState):

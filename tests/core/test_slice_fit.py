@@ -7,8 +7,8 @@ import pytest
 from aproxy.core.slice_fit import SliceDurations, may_start
 
 
-def test_a_step_never_seen_is_expected_to_take_nothing() -> None:
-    assert SliceDurations().expected("drain") == 0.0
+def test_a_step_never_seen_is_expected_to_take_what_the_caller_says() -> None:
+    assert SliceDurations().expected("drain", unseen=1.0) == 1.0
 
 
 def test_the_expected_duration_is_the_longest_of_the_recent_slices_of_that_step() -> None:
@@ -16,10 +16,10 @@ def test_the_expected_duration_is_the_longest_of_the_recent_slices_of_that_step(
     for seconds in (0.9, 0.1, 0.2):
         durations.record("audit:real servers", seconds)
     durations.record("drain", 0.05)
-    assert durations.expected("audit:real servers") == 0.9
-    assert durations.expected("drain") == 0.05
+    assert durations.expected("audit:real servers", unseen=1.0) == 0.9
+    assert durations.expected("drain", unseen=1.0) == 0.05
     durations.record("audit:real servers", 0.3)  # the 0.9 s slice is no longer among the last three
-    assert durations.expected("audit:real servers") == 0.3
+    assert durations.expected("audit:real servers", unseen=1.0) == 0.3
 
 
 def test_a_negative_duration_is_refused() -> None:
@@ -34,7 +34,7 @@ def test_a_negative_duration_is_refused() -> None:
         (10.0, 0.2, 10.3, False, True),  # ends before the sync is due
         (10.0, 0.2, 10.2, False, True),  # ends just as it is due
         (10.0, 0.2, 10.1, False, False),  # would hold the sync up
-        (10.0, 0.0, 10.0, False, True),  # a step never seen: tried
+        (10.0, 0.0, 10.0, False, True),  # nothing to wait for
         (10.0, 2.0, 11.0, True, True),  # right after a sync: progress, however long
     ],
 )

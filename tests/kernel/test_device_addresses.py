@@ -200,6 +200,30 @@ def test_read_at_300_bound_addresses_sends_one_address_dump_one_get_and_one_real
     assert state == expected
 
 
+def test_read_of_its_own_virtual_servers_alone_sends_no_address_dump(
+    runner: asyncio.Runner, backend: IPVSBackend
+) -> None:
+    """The audit's slices of real servers: keys aproxy made (its record says so) need no ownership check
+    against the bound addresses, whose dump at 10,000 services was most of each slice's time."""
+    many = [IPv4Address("10.98.0.1") + number for number in range(MANY - 1)]
+    bind(runner, backend, [BindAddress(address) for address in (*many, VIRTUAL.address)])
+    programmed: list[Operation] = [
+        AddVirtualServer(VIRTUAL, VirtualServerSpec()),
+        AddRealServer(VIRTUAL, REAL),
+    ]
+    bind(runner, backend, programmed)
+    before = (backend.netlink_address_dumps_sent, backend.netlink_gets_sent, backend.netlink_dumps_sent)
+
+    state = runner.run(backend.read([VIRTUAL], []))
+
+    after = (backend.netlink_address_dumps_sent, backend.netlink_gets_sent, backend.netlink_dumps_sent)
+    assert tuple(a - b for a, b in zip(after, before, strict=True)) == (0, 1, 1)
+    expected = IPVSState()
+    for operation in programmed:
+        expected.apply(operation)
+    assert state == expected
+
+
 # --- binding and unbinding in batches -----------------------------------------------------------------------
 
 
