@@ -297,8 +297,6 @@ class Daemon:
         if follower is not None:
             context = dataclasses.replace(context, node_addresses=await follower.current())
         syncer = Syncer(self.tracker, context, backend, drains, health=health, health_ports=self.health_ports)
-        if isinstance(backend, IPVSBackend):
-            backend.set_local_endpoints(syncer.is_local_endpoint)  # the hairpin set: this node's endpoints
         async with asyncio.TaskGroup() as group:
             if follower is not None:
                 moved = functools.partial(_move_node_ports, syncer, self.loop)

@@ -280,8 +280,6 @@ def _sync(args: argparse.Namespace) -> int:
         )
         async with backend as opened:
             syncer = Syncer(tracker, ctx, opened, health=health)
-            if isinstance(opened, IPVSBackend):
-                opened.set_local_endpoints(syncer.is_local_endpoint)  # the hairpin set: this node's endpoints
             return [await syncer.start(), await syncer.drain()]
 
     reports = uvloop.run(run())

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from errno import EBUSY
 from typing import Final
 
-from aproxy.backends.base import Backend, NatRepair, OperationResult, ServiceSets
+from aproxy.backends.base import Backend, LocalEndpointFilter, NatRepair, OperationResult, ServiceSets
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.datapath import SetDelta, SetEntry, SetMembership, service_entries
 from aproxy.core.drain import DrainClock
@@ -104,6 +104,16 @@ def log_skips(skips: Iterable[Skip]) -> None:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class _Around:
+    """What a service's inputs say beyond its virtual servers (one tracker lookup for the three): its
+    endpoints on this node (the hairpin set's filter), its health-check node port, its service-set entries."""
+
+    local: frozenset[IPAddress]
+    health_port: HealthCheckPort | None
+    entries: frozenset[SetEntry]
+
+
 class Syncer:
     def __init__(
         self,
@@ -139,6 +149,8 @@ class Syncer:
         self._health_ports = health_ports
         # The addresses of this node's endpoints: the hairpin set's filter (is_local_endpoint).
         self._local = LocalEndpoints()
+        if isinstance(backend, LocalEndpointFilter):
+            backend.set_local_endpoints(self.is_local_endpoint)
 
     @property
     def started(self) -> bool:
@@ -177,8 +189,9 @@ class Syncer:
 
     async def start(self) -> SyncReport:
         """Adopt the kernel's owned state, then program the whole cluster (zero operations if unchanged)."""
+        around = {key: self._around(key) for key in self._tracker.services()}
         # Before the dump: it resyncs the hairpin set, which holds only local endpoints.
-        self._local.reset({key: self._local_addresses(key) for key in self._tracker.services()})
+        self._local.reset({key: inputs.local for key, inputs in around.items()})
         self._planner = Planner(applied=await self._backend.dump(), adopt=True)  # the dump is not kept
         self._tracker.take_dirty()
         self._retry.clear()
@@ -188,10 +201,10 @@ class Syncer:
         desired = desired_all(self._tracker, self._ctx, self._health)
         report = await self._execute("start", self._planner.plan_full(desired), len(desired))
         if self._health_ports is not None:
-            wanted = (self._health_port(key) for key in self._tracker.services())
+            wanted = (inputs.health_port for inputs in around.values())
             self._health_ports.reset(port for port in wanted if port is not None)
         if self._sets is not None:
-            self._membership.reset({key: self._entries(key) for key in self._tracker.services()})
+            self._membership.reset({key: inputs.entries for key, inputs in around.items()})
             await self._sets.resync_services(self._membership.entries())
         return report
 
@@ -200,8 +213,10 @@ class Syncer:
         planner = self.planner
         keys = self._tracker.take_dirty() | self._retry
         self._retry = set()
-        for key in keys:  # before the backend follows this pass's real servers into the hairpin set
-            self._local.replace(key, self._local_addresses(key))
+        around = {key: self._around(key) for key in keys}
+        # Before the backend follows this pass's real servers into the hairpin set.
+        for key, inputs in around.items():
+            self._local.replace(key, inputs.local)
         desired = {key: self._desired(key) for key in sorted_keys(keys)}
         try:
             report = await self._execute("sync", planner.plan(desired), len(desired))
@@ -211,13 +226,13 @@ class Syncer:
             self._retry |= keys
             raise
         if self._health_ports is not None:
-            for key in keys:
-                self._health_ports.update(key, self._health_port(key))
+            for key, inputs in around.items():
+                self._health_ports.update(key, inputs.health_port)
         if self._sets is not None:
             added: list[SetEntry] = []
             removed: list[SetEntry] = []
-            for key in keys:
-                delta = self._membership.replace(key, self._entries(key))
+            for key, inputs in around.items():
+                delta = self._membership.replace(key, inputs.entries)
                 added += delta.added
                 removed += delta.removed
             if added or removed:
@@ -359,17 +374,14 @@ class Syncer:
 
     # --- internals -----------------------------------------------------------------------------------------
 
-    def _health_port(self, key: ServiceKey) -> HealthCheckPort | None:
+    def _around(self, key: ServiceKey) -> _Around:
         service, slices = self._tracker.inputs(key)
-        return health_check_port(service, slices, self._ctx.node_name)
-
-    def _local_addresses(self, key: ServiceKey) -> frozenset[IPAddress]:
-        service, slices = self._tracker.inputs(key)
-        return local_endpoint_addresses(slices, self._ctx.node_name) if service is not None else frozenset()
-
-    def _entries(self, key: ServiceKey) -> frozenset[SetEntry]:
-        service, _slices = self._tracker.inputs(key)
-        return service_entries(service) if service is not None else frozenset()
+        health_port = health_check_port(service, slices, self._ctx.node_name)
+        if service is None:  # deleted, or another proxy's: in no set
+            return _Around(frozenset(), health_port, frozenset())
+        return _Around(
+            local_endpoint_addresses(slices, self._ctx.node_name), health_port, service_entries(service)
+        )
 
     def _desired(self, key: ServiceKey) -> ServiceState | None:
         state, _skips_already_reported_at_intake = self._tracker.desired(key, self._ctx)

@@ -4,7 +4,7 @@ services, and up to date before the backend sees a pass's operations or the star
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import ip_address
 
 from aproxy.backends.base import OperationResult
@@ -105,3 +105,28 @@ def test_an_address_backing_two_services_stays_local_until_both_let_it_go() -> N
     assert after_one
     assert not syncer.is_local_endpoint(POD)
     assert not syncer.is_local_endpoint(REMOTE)
+
+
+class HairpinBackend(MemoryBackend):
+    """A backend with a hairpin set to filter (``LocalEndpointFilter``), like the IPVS backend's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.is_local: Callable[[IPAddress], bool] | None = None
+
+    def set_local_endpoints(self, is_local: Callable[[IPAddress], bool]) -> None:
+        self.is_local = is_local
+
+
+def test_the_syncer_hands_its_filter_to_a_backend_that_keeps_a_hairpin_set() -> None:
+    # Every user of a Syncer gets the filter (the daemon, `aproxy sync`, bench/kernel.py, the kernel tests).
+    backend = HairpinBackend()
+    tracker = ChangeTracker()
+    feed(tracker, web((POD, "node-a"), (REMOTE, "node-b")))
+    tracker.mark_listed("services")
+    tracker.mark_listed("endpointslices")
+    asyncio.run(Syncer(tracker, CTX, backend).start())
+
+    assert backend.is_local is not None
+    assert backend.is_local(POD)
+    assert not backend.is_local(REMOTE)

@@ -120,6 +120,14 @@ class NatRepair(Protocol):
 
 
 @runtime_checkable
+class LocalEndpointFilter(Protocol):
+    """A backend whose hairpin set must hold only this node's endpoints (kube-proxy's KUBE-LOOP-BACK): the
+    syncer, which knows them, hands over its ``is_local_endpoint`` when it is built."""
+
+    def set_local_endpoints(self, is_local: Callable[[IPAddress], bool]) -> None: ...
+
+
+@runtime_checkable
 class ServiceSets(Protocol):
     """A backend that also keeps the per-purpose service sets (core/datapath.py): the sync loop hands it each
     pass's change, and the whole membership at start-up and at every audit. Failures are the backend's to

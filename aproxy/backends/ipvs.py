@@ -213,7 +213,7 @@ class IPVSBackend:
 
     def set_local_endpoints(self, is_local: Callable[[IPAddress], bool]) -> None:
         """Only real servers whose address ``is_local`` says is an endpoint on this node join the hairpin set
-        (the daemon passes its syncer's ``is_local_endpoint``; default: every real server)."""
+        (the syncer passes its ``is_local_endpoint``: ``LocalEndpointFilter``; default: every real server)."""
         self._is_local = is_local
         if self._masquerade is not None:
             self._masquerade.set_local_endpoints(is_local)

@@ -53,7 +53,7 @@ entries matched as ``dst,dst,src``: a packet going to a real server *from that s
 servers whose address is an endpoint on this node are members (kube-proxy's KUBE-LOOP-BACK holds only local
 endpoints): a remote pod's packets never arrive here from its own address with a service destination, and a
 member for every real server of the cluster would fill the set (``maxelem`` 65536) at ~6,500 services of 10
-endpoints. The daemon hands the syncer's ``is_local_endpoint`` over (``set_local_endpoints``); without it
+endpoints. The syncer hands its ``is_local_endpoint`` over (``set_local_endpoints``); without it
 every real server counts. Limitation: an endpoint whose ``nodeName`` appears (or turns to this node) after
 its real server was added joins the set at the next audit, as the membership follows IPVS operations and
 that change is none. Entries from an older aproxy that held every real server are dropped by the start-up

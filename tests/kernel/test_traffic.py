@@ -114,8 +114,8 @@ class Cluster:
             self._runner.close()
             raise
         self.syncer = Syncer(self.tracker, ctx, self.backend, health_ports=health_ports)
-        if hairpin_filter:  # as the daemon wires it (without: an aproxy from before the filter)
-            self.backend.set_local_endpoints(self.syncer.is_local_endpoint)
+        if not hairpin_filter:  # an aproxy from before the filter (the syncer hands its own over)
+            self.backend.set_local_endpoints(lambda _address: True)
 
     def apply(self, objects: Sequence[dict[str, Any]]) -> SyncReport:
         """Feed the objects (upserts) and sync them, as the daemon would after a watch event."""
