@@ -42,8 +42,10 @@ from typing import Final, Generic, TypeVar
 _LINGER_RST: Final = struct.pack("ii", 1, 0)
 # The first byte of struct tcp_info is the connection's state (include/net/tcp_states.h).
 _STREAM_NONBLOCK: Final = int(socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-_TCP_ESTABLISHED: Final = 1
 _TCP_CLOSE: Final = 7
+# Handshake done: ESTABLISHED, or CLOSE_WAIT when the backend has already accepted and closed (a check of a
+# backend on this node that closes at once sees that state about as often as ESTABLISHED).
+_CONNECTED: Final = frozenset({1, 8})
 
 OK: Final = "ok"
 REFUSED: Final = "refused"
@@ -127,7 +129,7 @@ class Prober(Generic[K]):
             code = sock.connect_ex(sockaddr)
             if code == errno.EINPROGRESS:
                 state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
-                if state == _TCP_ESTABLISHED:
+                if state in _CONNECTED:
                     code = 0
                 elif state == _TCP_CLOSE:
                     code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED

@@ -8,8 +8,10 @@ import asyncio
 import errno
 import itertools
 import json
+import multiprocessing
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +37,7 @@ from tests.core import k8s
 
 LOOPBACK = "127.0.0.1"
 STEP = 10.0
+_TCP_CLOSE_WAIT = 8  # include/net/tcp_states.h
 
 
 def listener(backlog: int = 16) -> socket.socket:
@@ -170,6 +173,69 @@ def test_a_connection_reset_after_the_handshake_still_counts_as_an_answer() -> N
             return (await task)[0]
 
         assert asyncio.run(scenario()) == OK
+
+
+def _accept_and_close(server: socket.socket, ready: Any) -> None:
+    """A backend process that closes each connection as soon as it is accepted: woken from a blocking
+    ``accept()`` on the other core, it sometimes closes before the checker, microseconds after its
+    ``connect()``, reads the connection's state (a busy loop of non-blocking accepts would hold the
+    listener's lock, and some handshakes would not complete inside ``connect()``)."""
+    ready.set()
+    while True:
+        conn, _ = server.accept()
+        conn.close()
+
+
+def test_a_backend_that_closes_at_once_is_judged_without_waiting() -> None:
+    """On this node a backend may accept and close before the prober reads the connection's state: the
+    handshake is done (CLOSE_WAIT), so the check is ``ok`` at once, not after an epoll wait."""
+    with listener(backlog=512) as server:
+        context = multiprocessing.get_context("fork")
+        ready = context.Event()
+        backend = context.Process(target=_accept_and_close, args=(server, ready))
+        backend.start()
+        try:
+            assert ready.wait(STEP)
+            at_once, waited, close_wait = asyncio.run(_closing_backend_checks(key(server)))
+        finally:
+            backend.terminate()  # blocked in accept(): ended by its signal
+            backend.join()
+    # The race this test is about did happen (raw connects between the checks saw CLOSE_WAIT): the checks
+    # met it too, and judged it at once.
+    assert close_wait >= 1
+    assert set(at_once) == {OK}
+    # A check that waited and then succeeded is one the prober could have judged at once. (A rare check
+    # times out: its SYN met the backend's side of an earlier connection from the same ephemeral port.)
+    assert OK not in waited
+
+
+async def _closing_backend_checks(target: RealServerKey) -> tuple[list[str], list[str], int]:
+    """Checks of ``target``, each followed by a raw connect made the same way, until the raw connects saw
+    CLOSE_WAIT three times (at most 5,000 rounds): the results of the checks judged inside ``start``, those
+    of the others, and how many raw connects saw CLOSE_WAIT."""
+    prober = Prober[RealServerKey](1.0)
+    at_once: list[str] = []
+    waited: list[str] = []
+    results: list[str] = []
+    close_wait = 0
+    sockaddr = (str(target.address), target.port)
+    for round_ in range(5000):
+        prober.start(target, sockaddr, lambda _t, r, _s: results.append(r))
+        if len(results) > round_:
+            at_once.append(results[-1])
+        else:
+            await eventually(lambda: len(results) > round_, poll=0.001)  # noqa: B023 (awaited here)
+            waited.append(results[-1])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as raw:
+            # An RST close, as the prober's: after the backend's FIN, a FIN would leave the backend's side
+            # in TIME_WAIT, and a later check from the same ephemeral port would lose its SYN.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.connect_ex(sockaddr)
+            close_wait += raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
+        if close_wait == 3:
+            break
+    prober.close()
+    return at_once, waited, close_wait
 
 
 @pytest.mark.parametrize(
