@@ -5,15 +5,20 @@ the time from a backend's failure to its weight-0 operation, through the daemon'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import gc
 import itertools
 import json
 import multiprocessing
+import os
 import select
 import socket
 import struct
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from ipaddress import ip_address
@@ -27,6 +32,7 @@ from aproxy.backends.memory import MemoryBackend
 from aproxy.core import model
 from aproxy.core.model import L4Protocol, RealServerKey, ServiceKey, VirtualServerKey
 from aproxy.core.verdicts import HealthView
+from aproxy.health import prober as prober_module
 from aproxy.health.checker import HealthChecker
 from aproxy.health.config import HealthCheckSettings
 from aproxy.health.prober import FAILED, OK, REFUSED, RESET, TIMEOUT, UNREACHABLE, Prober, classify
@@ -254,25 +260,163 @@ def test_classify(code: int, result: str) -> None:
     assert classify(code) == result
 
 
-def test_probes_leave_no_time_wait_socket() -> None:
+REUSE = pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "socket-per-check"])
+
+
+async def check(prober: Prober[RealServerKey], target: RealServerKey) -> str:
+    """One check of ``target`` on ``prober``: its result."""
+    answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    prober.start(target, (str(target.address), target.port), lambda _t, r, _s: answer.set_result(r))
+    return await asyncio.wait_for(answer, STEP)
+
+
+@REUSE
+def test_probes_leave_no_time_wait_socket(reuse: bool) -> None:
     with listener(backlog=512) as server:
         port = server.getsockname()[1]
         server.setblocking(False)
 
         async def scenario() -> list[str]:
+            prober = Prober[RealServerKey](0.5, reuse=reuse)
             results = []
             for _ in range(200):
-                results.append((await probe(key(server)))[0])
+                results.append(await check(prober, key(server)))
                 try:  # the accepting side closes too, as a real server would
                     conn, _ = server.accept()
                     conn.close()
                 except BlockingIOError:
                     pass
+            prober.close()
             return results
 
         results = asyncio.run(scenario())
         assert results == [OK] * 200
         assert time_wait_count(port) == 0
+
+
+# --- socket reuse ------------------------------------------------------------------------------------------
+
+
+@REUSE
+def test_one_socket_serves_check_after_check(reuse: bool) -> None:
+    """Refusals between successes: after a refused connect a socket must be disconnected before its next
+    connect (which would fail with ECONNABORTED, a "reset"), after a successful one too (EISCONN)."""
+    with accepting() as good, closed_port() as bad:
+
+        async def scenario() -> tuple[list[str], int]:
+            prober = Prober[RealServerKey](0.5, reuse=reuse)
+            results = [await check(prober, key(s)) for s in (good, bad, good, good, bad, bad, good)]
+            idle = prober.idle
+            prober.close()
+            return results, idle
+
+        results, idle = asyncio.run(scenario())
+    assert results == [OK, REFUSED, OK, OK, REFUSED, REFUSED, OK]
+    assert idle == (1 if reuse else 0)  # checks one at a time: one socket, kept between them
+
+
+def test_sockets_are_reused_only_where_they_can_be_disconnected(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert prober_module._libc_connect() is not None  # Linux: connect(AF_UNSPEC) disconnects
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert prober_module._libc_connect() is None  # elsewhere: a socket per check (reuse=False above)
+
+
+def test_each_address_family_keeps_its_own_sockets() -> None:
+    with closed_port() as v4, socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6:
+        v6.bind(("::1", 0))
+        targets = [key(v4), RealServerKey(ip_address("::1"), v6.getsockname()[1])]
+
+        async def scenario() -> tuple[list[str], int]:
+            prober = Prober[RealServerKey](0.5)
+            results = [await check(prober, target) for target in targets * 3]
+            idle = prober.idle
+            prober.close()
+            return results, idle
+
+        results, idle = asyncio.run(scenario())
+    assert results == [REFUSED] * 6
+    assert idle == 2
+
+
+def test_close_closes_the_kept_sockets() -> None:
+    with accepting() as good, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)  # a socket dropped unclosed says so
+
+        async def scenario() -> tuple[int, int, int]:
+            before = len(os.listdir("/proc/self/fd"))
+            prober = Prober[RealServerKey](0.5)
+            assert await check(prober, key(good)) == OK
+            kept = prober.idle
+            prober.close()
+            gc.collect()
+            return before, kept, len(os.listdir("/proc/self/fd"))
+
+        before, kept, after = asyncio.run(scenario())
+    assert kept == 1
+    assert after == before
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_a_socket_that_timed_out_is_not_kept() -> None:
+    """Its answer may still come: it must not judge a later check on the same socket."""
+    with full_backlog() as server:
+
+        async def scenario() -> tuple[list[str], int]:
+            prober = Prober[RealServerKey](0.2)
+            results = await asyncio.gather(*(check(prober, key(server)) for _ in range(3)))
+            idle = prober.idle
+            prober.close()
+            return results, idle
+
+        results, idle = asyncio.run(scenario())
+    assert results == [TIMEOUT] * 3
+    assert idle == 0
+
+
+async def late_check(prober: Prober[RealServerKey], server: socket.socket) -> str:
+    """A check that waits in epoll and then succeeds: ``server`` (``listen(0)``, non-blocking) has a full
+    accept queue when it starts, so its SYN is dropped; the queue is drained, and the SYN's resend (1 s
+    later) completes the handshake."""
+    port = server.getsockname()[1]
+    with ExitStack() as stack:
+        for _ in range(2):  # listen(0) queues one; the second sits in SYN_RECV or the queue
+            client = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            client.setblocking(False)
+            client.connect_ex((LOOPBACK, port))
+        await asyncio.sleep(0.1)
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        prober.start(key(server), (LOOPBACK, port), lambda _t, r, _s: answer.set_result(r))
+        assert prober.inflight == 1
+        while not answer.done():
+            with contextlib.suppress(BlockingIOError):
+                server.accept()[0].close()
+            await asyncio.sleep(0.01)
+        return answer.result()
+
+
+def test_a_kept_socket_that_waited_neither_spins_the_loop_nor_misses_its_next_answer() -> None:
+    """A socket stays in the prober's epoll set while it is kept; disconnected, it reports EPOLLHUP for as
+    long as it is armed (level-triggered), so each wait arms it once: idle, the loop sleeps, and the next
+    wait on it re-arms it (else that check would time out)."""
+    with listener(backlog=0) as server:
+        server.setblocking(False)
+
+        async def scenario() -> tuple[list[str], float, int]:
+            prober = Prober[RealServerKey](3.0)
+            first = await late_check(prober, server)
+            assert prober.idle == 1
+            before = time.process_time()
+            await asyncio.sleep(0.3)
+            idle_cpu = time.process_time() - before
+            second = await late_check(prober, server)
+            idle = prober.idle
+            prober.close()
+            return [first, second], idle_cpu, idle
+
+        results, idle_cpu, idle = asyncio.run(scenario())
+    assert results == [OK, OK]
+    assert idle_cpu < 0.1  # a spinning loop would use all of the 0.3 s
+    assert idle == 1  # the second check ran on the kept socket (and kept it again)
 
 
 # --- the checker -------------------------------------------------------------------------------------------
