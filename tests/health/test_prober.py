@@ -270,6 +270,25 @@ async def check(prober: Prober[RealServerKey], target: RealServerKey) -> str:
     return await asyncio.wait_for(answer, STEP)
 
 
+def run_checks(
+    targets: list[RealServerKey], *, timeout: float = 0.5, reuse: bool = True, together: bool = False
+) -> tuple[list[str], int]:
+    """Check each of ``targets`` on one prober (one after another, or all at once): the results, and how
+    many sockets the prober kept."""
+
+    async def scenario() -> tuple[list[str], int]:
+        prober = Prober[RealServerKey](timeout, reuse=reuse)
+        if together:
+            results = list(await asyncio.gather(*(check(prober, target) for target in targets)))
+        else:
+            results = [await check(prober, target) for target in targets]
+        idle = prober.idle
+        prober.close()
+        return results, idle
+
+    return asyncio.run(scenario())
+
+
 @REUSE
 def test_probes_leave_no_time_wait_socket(reuse: bool) -> None:
     with listener(backlog=512) as server:
@@ -302,15 +321,8 @@ def test_one_socket_serves_check_after_check(reuse: bool) -> None:
     """Refusals between successes: after a refused connect a socket must be disconnected before its next
     connect (which would fail with ECONNABORTED, a "reset"), after a successful one too (EISCONN)."""
     with accepting() as good, closed_port() as bad:
-
-        async def scenario() -> tuple[list[str], int]:
-            prober = Prober[RealServerKey](0.5, reuse=reuse)
-            results = [await check(prober, key(s)) for s in (good, bad, good, good, bad, bad, good)]
-            idle = prober.idle
-            prober.close()
-            return results, idle
-
-        results, idle = asyncio.run(scenario())
+        order = (good, bad, good, good, bad, bad, good)
+        results, idle = run_checks([key(s) for s in order], reuse=reuse)
     assert results == [OK, REFUSED, OK, OK, REFUSED, REFUSED, OK]
     assert idle == (1 if reuse else 0)  # checks one at a time: one socket, kept between them
 
@@ -325,15 +337,7 @@ def test_each_address_family_keeps_its_own_sockets() -> None:
     with closed_port() as v4, socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6:
         v6.bind(("::1", 0))
         targets = [key(v4), RealServerKey(ip_address("::1"), v6.getsockname()[1])]
-
-        async def scenario() -> tuple[list[str], int]:
-            prober = Prober[RealServerKey](0.5)
-            results = [await check(prober, target) for target in targets * 3]
-            idle = prober.idle
-            prober.close()
-            return results, idle
-
-        results, idle = asyncio.run(scenario())
+        results, idle = run_checks(targets * 3)
     assert results == [REFUSED] * 6
     assert idle == 2
 
@@ -360,15 +364,7 @@ def test_close_closes_the_kept_sockets() -> None:
 def test_a_socket_that_timed_out_is_not_kept() -> None:
     """Its answer may still come: it must not judge a later check on the same socket."""
     with full_backlog() as server:
-
-        async def scenario() -> tuple[list[str], int]:
-            prober = Prober[RealServerKey](0.2)
-            results = await asyncio.gather(*(check(prober, key(server)) for _ in range(3)))
-            idle = prober.idle
-            prober.close()
-            return results, idle
-
-        results, idle = asyncio.run(scenario())
+        results, idle = run_checks([key(server)] * 3, timeout=0.2, together=True)
     assert results == [TIMEOUT] * 3
     assert idle == 0
 
