@@ -14,9 +14,11 @@ the checker alone and with the accepting side, against ``asyncio.open_connection
 
 from __future__ import annotations
 
+import _socket
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import multiprocessing
 import multiprocessing.connection
 import resource
@@ -124,21 +126,31 @@ async def check_for(
     return checker, lateness, spent, waits
 
 
-def bare_cost(ports: list[int]) -> float:
-    """CPU seconds of this process per check made of the system calls alone, in a plain loop (socket,
-    SO_LINGER, connect, TCP_INFO, close): the floor under the checker on this machine, now (it moves with the
-    machine's load by a quarter or more between runs), paced like the checker (a batch every 5 ms)."""
+def bare_cost(ports: list[int], *, reuse: bool) -> float:
+    """CPU seconds of this process per check made of the system calls alone, in a plain loop: the floor under
+    the checker on this machine, now (it moves with the machine's load by a quarter or more between runs),
+    paced like the checker (a batch every 5 ms). With ``reuse``, the prober's: connect, TCP_INFO and a
+    disconnect (libc's ``connect()`` to an AF_UNSPEC address) on one kept socket; without, a socket per
+    check (socket, SO_LINGER, connect, TCP_INFO, close), as the prober did before it kept its sockets."""
     linger = struct.pack("ii", 1, 0)
+    disconnect, unspec = ctypes.CDLL(None).connect, bytes(16)
+    kept = _socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     began = cpu()
     for index in range(BARE_ROUNDS):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        sock = kept if reuse else _socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        if not reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         sock.connect_ex((LOOPBACK, ports[index % len(ports)]))
         sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
-        sock.close()
+        if reuse:
+            disconnect(sock.fileno(), unspec, 16)
+        else:
+            sock.close()
         if index % 25 == 24:
             time.sleep(0.005)
-    return (cpu() - began) / BARE_ROUNDS
+    spent = cpu() - began
+    kept.close()
+    return spent / BARE_ROUNDS
 
 
 async def open_connection_cost(ports: list[int]) -> float:
@@ -186,7 +198,8 @@ def main() -> None:
     )
     checker, lateness, spent, waits = uvloop.run(check_for(ports, args.seconds, args.interval))
     naive = uvloop.run(open_connection_cost(ports))
-    bare = bare_cost(ports)
+    bare = bare_cost(ports, reuse=True)
+    bare_fresh = bare_cost(ports, reuse=False)
     stop.set()
     for worker in workers:
         worker.join(timeout=10)
@@ -197,7 +210,7 @@ def main() -> None:
     values = sorted(lateness.values)
     p99 = values[int(len(values) * 0.99)] if values else float("nan")
     per_check = spent / checks
-    accepting_per = accepting / (checks + OPEN_CONNECTION_ROUNDS + BARE_ROUNDS)
+    accepting_per = accepting / (checks + OPEN_CONNECTION_ROUNDS + 2 * BARE_ROUNDS)
     expected = len(ports) / args.interval * args.seconds
     rows = [
         (f"checks run (expected ~{expected:,.0f})", f"{checks:,}", ""),
@@ -215,11 +228,8 @@ def main() -> None:
             "not growing" if waits[-1] <= waits[0] + 10 else "GROWING",
         ),
         ("CPU per check, checker", f"{per_check * 1e6:.1f} µs", ""),
-        (
-            "CPU per check, its system calls alone",
-            f"{bare * 1e6:.1f} µs",
-            f"checker/floor {per_check / bare:.2f}; floor at 5,000/s: {bare * 5000:.1%} of a core",
-        ),
+        ("CPU per check, its system calls alone", f"{bare * 1e6:.1f} µs", _floor(per_check, bare)),
+        ("  the same, a socket per check", f"{bare_fresh * 1e6:.1f} µs", _floor(per_check, bare_fresh)),
         ("CPU per check, accepting side (approx.)", f"{accepting_per * 1e6:.1f} µs", ""),
         (
             "CPU per open_connection + close, this side",
@@ -229,6 +239,10 @@ def main() -> None:
     ]
     for name, value, note in rows:
         print(f"  {name:<44} {value:>28}  {note}")
+
+
+def _floor(per_check: float, floor: float) -> str:
+    return f"checker/floor {per_check / floor:.2f}; floor at 5,000/s: {floor * 5000:.1%} of a core"
 
 
 def _verdict(value: float, target: float, unit: str) -> str:

@@ -5,13 +5,20 @@ the time from a backend's failure to its weight-0 operation, through the daemon'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import gc
 import itertools
 import json
+import multiprocessing
+import os
 import select
 import socket
+import struct
+import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from ipaddress import ip_address
@@ -25,6 +32,7 @@ from aproxy.backends.memory import MemoryBackend
 from aproxy.core import model
 from aproxy.core.model import L4Protocol, RealServerKey, ServiceKey, VirtualServerKey
 from aproxy.core.verdicts import HealthView
+from aproxy.health import prober as prober_module
 from aproxy.health.checker import HealthChecker
 from aproxy.health.config import HealthCheckSettings
 from aproxy.health.prober import FAILED, OK, REFUSED, RESET, TIMEOUT, UNREACHABLE, Prober, classify
@@ -35,6 +43,7 @@ from tests.core import k8s
 
 LOOPBACK = "127.0.0.1"
 STEP = 10.0
+_TCP_CLOSE_WAIT = 8  # include/net/tcp_states.h
 
 
 def listener(backlog: int = 16) -> socket.socket:
@@ -172,6 +181,70 @@ def test_a_connection_reset_after_the_handshake_still_counts_as_an_answer() -> N
         assert asyncio.run(scenario()) == OK
 
 
+def _accept_and_close(server: socket.socket, ready: Any) -> None:
+    """A backend process that closes each connection as soon as it is accepted: woken from a blocking
+    ``accept()`` on the other core, it sometimes closes before the checker, microseconds after its
+    ``connect()``, reads the connection's state (a busy loop of non-blocking accepts would hold the
+    listener's lock, and some handshakes would not complete inside ``connect()``)."""
+    ready.set()
+    while True:
+        conn, _ = server.accept()
+        conn.close()
+
+
+def test_a_backend_that_closes_at_once_is_judged_without_waiting() -> None:
+    """On this node a backend may accept and close before the prober reads the connection's state: the
+    handshake is done (CLOSE_WAIT), so the check is ``ok`` at once, not after an epoll wait."""
+    with listener(backlog=512) as server:
+        context = multiprocessing.get_context("fork")
+        ready = context.Event()
+        backend = context.Process(target=_accept_and_close, args=(server, ready))
+        backend.start()
+        try:
+            assert ready.wait(STEP)
+            at_once, waited, close_wait = asyncio.run(_closing_backend_checks(key(server)))
+        finally:
+            backend.terminate()  # blocked in accept(): ended by its signal
+            backend.join()
+    # The race this test is about did happen (raw connects between the checks saw CLOSE_WAIT): the checks
+    # met it too, and judged it at once.
+    assert close_wait >= 1
+    assert set(at_once) == {OK}
+    # A check that waited and then succeeded is one the prober could have judged at once. (A rare check
+    # times out: its SYN met the backend's side of an earlier connection from the same ephemeral port.)
+    assert OK not in waited
+
+
+async def _closing_backend_checks(target: RealServerKey) -> tuple[list[str], list[str], int]:
+    """Checks of ``target``, each followed by a raw connect made the same way, until the raw connects saw
+    CLOSE_WAIT three times (at most 20,000 rounds: in some hours the backend closes first only once in a
+    thousand): the results of the checks judged inside ``start``, those of the others, and how many raw
+    connects saw CLOSE_WAIT."""
+    prober = Prober[RealServerKey](1.0)
+    at_once: list[str] = []
+    waited: list[str] = []
+    results: list[str] = []
+    close_wait = 0
+    sockaddr = (str(target.address), target.port)
+    for round_ in range(20_000):
+        prober.start(target, sockaddr, lambda _t, r, _s: results.append(r))
+        if len(results) > round_:
+            at_once.append(results[-1])
+        else:
+            await eventually(lambda: len(results) > round_, poll=0.001)  # noqa: B023 (awaited here)
+            waited.append(results[-1])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK) as raw:
+            # An RST close, as the prober's: after the backend's FIN, a FIN would leave the backend's side
+            # in TIME_WAIT, and a later check from the same ephemeral port would lose its SYN.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.connect_ex(sockaddr)
+            close_wait += raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
+        if close_wait == 3:
+            break
+    prober.close()
+    return at_once, waited, close_wait
+
+
 @pytest.mark.parametrize(
     ("code", "result"),
     [
@@ -188,25 +261,159 @@ def test_classify(code: int, result: str) -> None:
     assert classify(code) == result
 
 
-def test_probes_leave_no_time_wait_socket() -> None:
+REUSE = pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "socket-per-check"])
+
+
+async def check(prober: Prober[RealServerKey], target: RealServerKey) -> str:
+    """One check of ``target`` on ``prober``: its result."""
+    answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    prober.start(target, (str(target.address), target.port), lambda _t, r, _s: answer.set_result(r))
+    return await asyncio.wait_for(answer, STEP)
+
+
+def run_checks(
+    targets: list[RealServerKey], *, timeout: float = 0.5, reuse: bool = True, together: bool = False
+) -> tuple[list[str], int]:
+    """Check each of ``targets`` on one prober (one after another, or all at once): the results, and how
+    many sockets the prober kept."""
+
+    async def scenario() -> tuple[list[str], int]:
+        prober = Prober[RealServerKey](timeout, reuse=reuse)
+        if together:
+            results = list(await asyncio.gather(*(check(prober, target) for target in targets)))
+        else:
+            results = [await check(prober, target) for target in targets]
+        idle = prober.idle
+        prober.close()
+        return results, idle
+
+    return asyncio.run(scenario())
+
+
+@REUSE
+def test_probes_leave_no_time_wait_socket(reuse: bool) -> None:
     with listener(backlog=512) as server:
         port = server.getsockname()[1]
         server.setblocking(False)
 
         async def scenario() -> list[str]:
+            prober = Prober[RealServerKey](0.5, reuse=reuse)
             results = []
             for _ in range(200):
-                results.append((await probe(key(server)))[0])
+                results.append(await check(prober, key(server)))
                 try:  # the accepting side closes too, as a real server would
                     conn, _ = server.accept()
                     conn.close()
                 except BlockingIOError:
                     pass
+            prober.close()
             return results
 
         results = asyncio.run(scenario())
         assert results == [OK] * 200
         assert time_wait_count(port) == 0
+
+
+# --- socket reuse ------------------------------------------------------------------------------------------
+
+
+@REUSE
+def test_one_socket_serves_check_after_check(reuse: bool) -> None:
+    """Refusals between successes: after a refused connect a socket must be disconnected before its next
+    connect (which would fail with ECONNABORTED, a "reset"), after a successful one too (EISCONN)."""
+    with accepting() as good, closed_port() as bad:
+        order = (good, bad, good, good, bad, bad, good)
+        results, idle = run_checks([key(s) for s in order], reuse=reuse)
+    assert results == [OK, REFUSED, OK, OK, REFUSED, REFUSED, OK]
+    assert idle == (1 if reuse else 0)  # checks one at a time: one socket, kept between them
+
+
+def test_sockets_are_reused_only_where_they_can_be_disconnected(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert prober_module._libc_connect() is not None  # Linux: connect(AF_UNSPEC) disconnects
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert prober_module._libc_connect() is None  # elsewhere: a socket per check (reuse=False above)
+
+
+def test_each_address_family_keeps_its_own_sockets() -> None:
+    with closed_port() as v4, socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as v6:
+        v6.bind(("::1", 0))
+        targets = [key(v4), RealServerKey(ip_address("::1"), v6.getsockname()[1])]
+        results, idle = run_checks(targets * 3)
+    assert results == [REFUSED] * 6
+    assert idle == 2
+
+
+def test_close_closes_the_kept_sockets() -> None:
+    with accepting() as good, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)  # a socket dropped unclosed says so
+
+        async def scenario() -> tuple[int, int, int]:
+            before = len(os.listdir("/proc/self/fd"))
+            prober = Prober[RealServerKey](0.5)
+            assert await check(prober, key(good)) == OK
+            kept = prober.idle
+            prober.close()
+            gc.collect()
+            return before, kept, len(os.listdir("/proc/self/fd"))
+
+        before, kept, after = asyncio.run(scenario())
+    assert kept == 1
+    assert after == before
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def test_a_socket_that_timed_out_is_not_kept() -> None:
+    """Its answer may still come: it must not judge a later check on the same socket."""
+    with full_backlog() as server:
+        results, idle = run_checks([key(server)] * 3, timeout=0.2, together=True)
+    assert results == [TIMEOUT] * 3
+    assert idle == 0
+
+
+async def late_check(prober: Prober[RealServerKey], server: socket.socket) -> str:
+    """A check that waits in epoll and then succeeds: ``server`` (``listen(0)``, non-blocking) has a full
+    accept queue when it starts, so its SYN is dropped; the queue is drained, and the SYN's resend (1 s
+    later) completes the handshake."""
+    port = server.getsockname()[1]
+    with ExitStack() as stack:
+        for _ in range(2):  # listen(0) queues one; the second sits in SYN_RECV or the queue
+            client = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            client.setblocking(False)
+            client.connect_ex((LOOPBACK, port))
+        await asyncio.sleep(0.1)
+        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        prober.start(key(server), (LOOPBACK, port), lambda _t, r, _s: answer.set_result(r))
+        assert prober.inflight == 1
+        while not answer.done():
+            with contextlib.suppress(BlockingIOError):
+                server.accept()[0].close()
+            await asyncio.sleep(0.01)
+        return answer.result()
+
+
+def test_a_kept_socket_that_waited_neither_spins_the_loop_nor_misses_its_next_answer() -> None:
+    """A socket stays in the prober's epoll set while it is kept; disconnected, it reports EPOLLHUP for as
+    long as it is armed (level-triggered), so each wait arms it once: idle, the loop sleeps, and the next
+    wait on it re-arms it (else that check would time out)."""
+    with listener(backlog=0) as server:
+        server.setblocking(False)
+
+        async def scenario() -> tuple[list[str], float, int]:
+            prober = Prober[RealServerKey](3.0)
+            first = await late_check(prober, server)
+            assert prober.idle == 1
+            before = time.process_time()
+            await asyncio.sleep(0.3)
+            idle_cpu = time.process_time() - before
+            second = await late_check(prober, server)
+            idle = prober.idle
+            prober.close()
+            return [first, second], idle_cpu, idle
+
+        results, idle_cpu, idle = asyncio.run(scenario())
+    assert results == [OK, OK]
+    assert idle_cpu < 0.1  # a spinning loop would use all of the 0.3 s
+    assert idle == 1  # the second check ran on the kept socket (and kept it again)
 
 
 # --- the checker -------------------------------------------------------------------------------------------
