@@ -206,9 +206,10 @@ def test_a_backend_that_closes_at_once_is_judged_without_waiting() -> None:
         finally:
             backend.terminate()  # blocked in accept(): ended by its signal
             backend.join()
-    # The race this test is about did happen (raw connects between the checks saw CLOSE_WAIT): the checks
-    # met it too, and judged it at once.
-    assert close_wait >= 1
+    # The race this test is about must have happened (raw connects between the checks saw CLOSE_WAIT), or
+    # the test says nothing: on a loaded machine the backend may never close first in 20,000 rounds.
+    if close_wait == 0:
+        pytest.skip("the backend never closed before a connect returned: the race did not happen")
     assert set(at_once) == {OK}
     # A check that waited and then succeeded is one the prober could have judged at once. (A rare check
     # times out: its SYN met the backend's side of an earlier connection from the same ephemeral port.)
