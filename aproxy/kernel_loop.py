@@ -55,6 +55,10 @@ PassKind = Literal["sync", "audit", "drain"]
 # audit guards against drift nobody should cause; changes and drains must not wait behind it.
 AUDIT_SHARE: Final = 0.25
 
+# How soon after a sync's end a slice counts as starting right after it (the loop asks at once; a slice due
+# later in the gap must fit before the next sync like any other).
+RIGHT_AFTER: Final = 0.01
+
 # A pass that could not be attempted at all: nothing per operation to report, retry the whole thing.
 _WHOLESALE_FAILURES: Final = (BackendError, OSError)
 
@@ -120,9 +124,9 @@ class KernelLoop:
         self._next_drain: float | None = None
         self._audit_spent = 0.0  # the audit round so far: its slices' durations
         self._slices = SliceDurations()
-        self._after_sync = (
-            False  # the last pass was a sync: a slice may start whatever it is expected to take
-        )
+        # When the last pass, a sync, ended (None: the last pass was not a sync): a slice that starts right
+        # then may start whatever it is expected to take.
+        self._sync_ended: float | None = None
 
     async def run(self, syncer: Syncer) -> None:
         """Run the passes, forever (until cancelled)."""
@@ -145,7 +149,7 @@ class KernelLoop:
                 log.debug("pass", extra={"kind": kind, "step": step, "seconds": round(seconds, 4)})
                 if kind != "sync":
                     self._slices.record(step, seconds)
-                self._after_sync = kind == "sync"
+                self._sync_ended = loop.time() if kind == "sync" else None
                 self._after_pass(syncer, loop.time())
                 continue
             # No await between clear() and wait(): a change cannot slip in unnoticed.
@@ -205,7 +209,9 @@ class KernelLoop:
     def _fits(self, kind: PassKind, at: float, sync_at: float | None) -> bool:
         # A step never seen yet is expected to take a whole period: after a sync, or with none due soon.
         expected = self._slices.expected(self._step(kind), unseen=self._scheduler.min_interval)
-        return may_start(at, expected, sync_at, after_sync=self._after_sync)
+        # "Right after a sync": when the loop asks at once after the sync pass, not a slice due later on.
+        after_sync = self._sync_ended is not None and at - self._sync_ended <= RIGHT_AFTER
+        return may_start(at, expected, sync_at, after_sync=after_sync)
 
     def _step(self, kind: PassKind) -> str:
         if kind == "audit" and self.syncer is not None:
