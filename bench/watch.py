@@ -47,11 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import orjson
 import uvloop
-from kubernetes_asyncio.client import Configuration
 
 from aproxy.core.changes import ChangeTracker
 from aproxy.core.translate import TranslationContext
 from aproxy.sources.base import ListedKind
+from aproxy.sources.kube.client import Configuration
 from aproxy.sources.kube.watch import KubernetesSource
 from aproxy.startup_gc import StartupCollection
 
