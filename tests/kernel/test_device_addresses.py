@@ -177,23 +177,36 @@ def test_an_interface_that_does_not_exist_has_no_addresses(
     assert [a.address for a in runner.run(reader.addresses(link_index(DEVICE)))] == [ip_address("10.96.8.9")]
 
 
-def test_read_at_300_bound_addresses_sends_one_address_dump_one_get_and_one_real_server_dump(
+def programmed_among_many(
     runner: asyncio.Runner, backend: IPVSBackend
-) -> None:
-    many = [IPv4Address("10.98.0.1") + number for number in range(MANY - 1)]
+) -> tuple[list[IPAddress], list[Operation]]:
+    """MANY addresses bound, one of them VIRTUAL's, which has one real server: (the others, VIRTUAL's
+    operations)."""
+    many: list[IPAddress] = [IPv4Address("10.98.0.1") + number for number in range(MANY - 1)]
     bind(runner, backend, [BindAddress(address) for address in (*many, VIRTUAL.address)])
     programmed: list[Operation] = [
         AddVirtualServer(VIRTUAL, VirtualServerSpec()),
         AddRealServer(VIRTUAL, REAL),
     ]
     bind(runner, backend, programmed)
+    return many, programmed
+
+
+def reads_sent(backend: IPVSBackend) -> tuple[int, int, int]:
+    """Address dumps, IPVS gets and IPVS dumps sent so far."""
+    return backend.netlink_address_dumps_sent, backend.netlink_gets_sent, backend.netlink_dumps_sent
+
+
+def test_read_at_300_bound_addresses_sends_one_address_dump_one_get_and_one_real_server_dump(
+    runner: asyncio.Runner, backend: IPVSBackend
+) -> None:
+    many, programmed = programmed_among_many(runner, backend)
     assert len(ip_shows(DEVICE)) == MANY
-    before = (backend.netlink_address_dumps_sent, backend.netlink_gets_sent, backend.netlink_dumps_sent)
+    before = reads_sent(backend)
 
     state = runner.run(backend.read([VIRTUAL], [VIRTUAL.address, many[0]]))
 
-    after = (backend.netlink_address_dumps_sent, backend.netlink_gets_sent, backend.netlink_dumps_sent)
-    assert tuple(a - b for a, b in zip(after, before, strict=True)) == (1, 1, 1)
+    assert tuple(a - b for a, b in zip(reads_sent(backend), before, strict=True)) == (1, 1, 1)
     expected = IPVSState()
     for operation in (BindAddress(VIRTUAL.address), BindAddress(many[0]), *programmed):
         expected.apply(operation)
@@ -203,21 +216,14 @@ def test_read_at_300_bound_addresses_sends_one_address_dump_one_get_and_one_real
 def test_read_of_its_own_virtual_servers_alone_sends_no_address_dump(
     runner: asyncio.Runner, backend: IPVSBackend
 ) -> None:
-    """The audit's slices of real servers: keys aproxy made (its record says so) need no ownership check
-    against the bound addresses, whose dump at 10,000 services was most of each slice's time."""
-    many = [IPv4Address("10.98.0.1") + number for number in range(MANY - 1)]
-    bind(runner, backend, [BindAddress(address) for address in (*many, VIRTUAL.address)])
-    programmed: list[Operation] = [
-        AddVirtualServer(VIRTUAL, VirtualServerSpec()),
-        AddRealServer(VIRTUAL, REAL),
-    ]
-    bind(runner, backend, programmed)
-    before = (backend.netlink_address_dumps_sent, backend.netlink_gets_sent, backend.netlink_dumps_sent)
+    """The audit's slices of real servers: keys on addresses aproxy bound need no ownership check against
+    the bound addresses, whose dump at 10,000 services was most of each slice's time."""
+    _many, programmed = programmed_among_many(runner, backend)
+    before = reads_sent(backend)
 
     state = runner.run(backend.read([VIRTUAL], []))
 
-    after = (backend.netlink_address_dumps_sent, backend.netlink_gets_sent, backend.netlink_dumps_sent)
-    assert tuple(a - b for a, b in zip(after, before, strict=True)) == (0, 1, 1)
+    assert tuple(a - b for a, b in zip(reads_sent(backend), before, strict=True)) == (0, 1, 1)
     expected = IPVSState()
     for operation in programmed:
         expected.apply(operation)
