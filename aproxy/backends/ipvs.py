@@ -301,7 +301,7 @@ class IPVSBackend:
 
     async def outline(self) -> IPVSState:
         # Ownership as aproxy's binds and its last address dump say: the audit dumps the addresses in the
-        # slice before (at 10,000 services each dump is a pass of its own in the guest, about half a second).
+        # slice before (each dump is a pass of its own: 0.25 s and 0.48 s at 10,000 services in the guest).
         state = IPVSState()
         for key, spec in await self._dump_services():
             if self._owns(key):
