@@ -12,7 +12,8 @@ any task failing cancels the others and ``run`` returns 1 after logging which ta
   NodePort addresses (``--nodeport-addresses``) through rtnetlink address events.
 - ``web``: ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics`` (aproxy.web.server).
 - ``health-ports``: the health-check node ports of LoadBalancer services with policy Local
-  (aproxy.web.health_ports), opened and closed as the syncer's table changes.
+  (aproxy.web.health_ports), opened and closed as the syncer's table changes; on every address, or on the
+  NodePort addresses when ``--nodeport-addresses`` selects some (moved with them, as kube-proxy's).
 - ``health`` (unless ``--no-health-checks``): the backend checks (aproxy.health); a verdict change marks the
   services of that backend dirty, and the kernel loop drains or restores it like any other change.
 - ``node`` (Kubernetes source only): watches this node's Node object; while it is being deleted, tainted
