@@ -12,7 +12,8 @@ any task failing cancels the others and ``run`` returns 1 after logging which ta
   NodePort addresses (``--nodeport-addresses``) through rtnetlink address events.
 - ``web``: ``/healthz``, ``/livez``, ``/readyz`` and ``/metrics`` (aproxy.web.server).
 - ``health-ports``: the health-check node ports of LoadBalancer services with policy Local
-  (aproxy.web.health_ports), opened and closed as the syncer's table changes.
+  (aproxy.web.health_ports), opened and closed as the syncer's table changes; on every address, or on the
+  NodePort addresses when ``--nodeport-addresses`` selects some (moved with them, as kube-proxy's).
 - ``health`` (unless ``--no-health-checks``): the backend checks (aproxy.health); a verdict change marks the
   services of that backend dirty, and the kernel loop drains or restores it like any other change.
 - ``node`` (Kubernetes source only): watches this node's Node object; while it is being deleted, tainted
@@ -294,12 +295,16 @@ class Daemon:
             self.health_checker.usage = backend.usage  # scope "used": what the kernel's dumps saw
         # NodePorts on the node's addresses, chosen by --nodeport-addresses and followed live (real kernel).
         follower = _node_port_follower(self.settings, context) if self.settings.backend == "ipvs" else None
+        # Health-check node ports on those addresses too, unless they are every address (as kube-proxy).
+        listeners = self.health_check if follower is not None and not follower.every_address else None
         if follower is not None:
             context = dataclasses.replace(context, node_addresses=await follower.current())
+        if listeners is not None:
+            listeners.set_addresses(context.node_addresses)
         syncer = Syncer(self.tracker, context, backend, drains, health=health, health_ports=self.health_ports)
         async with asyncio.TaskGroup() as group:
             if follower is not None:
-                moved = functools.partial(_move_node_ports, syncer, self.loop)
+                moved = functools.partial(_move_node_ports, syncer, self.loop, listeners)
                 group.create_task(follower.follow(moved), name="aproxy-node-addresses")
             await self.loop.run(syncer)
 
@@ -371,7 +376,11 @@ def _node_port_follower(settings: Settings, context: TranslationContext) -> Node
     return NodePortAddressFollower(choice, ipvs.device, context.node_addresses)
 
 
-def _move_node_ports(syncer: Syncer, loop: KernelLoop, addresses: frozenset[IPAddress]) -> None:
+def _move_node_ports(
+    syncer: Syncer, loop: KernelLoop, listeners: HealthCheckListeners | None, addresses: frozenset[IPAddress]
+) -> None:
+    if listeners is not None:
+        listeners.set_addresses(addresses)
     if syncer.set_node_addresses(addresses):
         loop.changed()
 

@@ -276,7 +276,8 @@ def add_datapath_options(parser: argparse.ArgumentParser) -> None:
         default=(),
         metavar="CIDR[,CIDR]|primary",
         help="NodePorts on the local addresses in these CIDRs, or on the node's primary IPs (default: every "
-        "local address but loopback and the device's), followed as addresses come and go (run)",
+        "local address but loopback and the device's), followed as addresses come and go (run); health-check "
+        "node ports listen there too (default, or 0.0.0.0/0 or ::/0 given: on every address)",
     )
     parser.add_argument(
         "--ipvs-strict-arp",

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -31,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aproxy import cli
 from aproxy.app import EXIT_FAILED, EXIT_OK, Daemon
 from aproxy.backends.base import BackendError, RealServerConnections
+from aproxy.backends.ipvs import IPVSSettings
 from aproxy.backends.memory import MemoryBackend
 from aproxy.core.backoff import RetryPolicy
 from aproxy.core.model import AddVirtualServer, DeleteVirtualServer, L4Protocol, Operation, RealServerKey
@@ -580,6 +582,40 @@ def test_removed_tcp_endpoint_drains_until_its_connections_are_gone() -> None:
     draining, after = run(scenario())
     assert (draining, after) == (1, 0)
     assert set(backend.dump_sync().real_servers(WEB)) == {real("10.244.1.5")}
+
+
+def test_health_check_node_ports_listen_on_the_node_port_addresses() -> None:
+    """``--nodeport-addresses primary`` with node IP 127.0.0.1: the health-check node port answers there and
+    not on 127.0.0.2 (also local: Linux's loopback is 127/8), as kube-proxy's listens on the selection."""
+    source = ScriptedSource()
+    ipvs = IPVSSettings(nodeport_addresses=("primary",))
+    chosen = settings(backend="ipvs", ipvs=ipvs, node_ips=(ip_address("127.0.0.1"),))
+    daemon = Daemon(chosen, source=source, backend=MemoryBackend())
+    with socket.socket() as sock:  # a free port, as the API server would allocate one
+        sock.bind(("127.0.0.1", 0))
+        health_port = sock.getsockname()[1]
+    web = service(
+        "web",
+        type_="LoadBalancer",
+        ports=[port("http", 80)],
+        external_policy="Local",
+        spec_extra={"healthCheckNodePort": health_port},
+    )
+    local = endpoint_slice(
+        "web", endpoints=[endpoint("10.244.1.5", node="node-a")], ports=[slice_port("http", 8080)]
+    )
+
+    async def scenario() -> None:
+        async with running(daemon):
+            await synced(daemon, source, web, local)
+            async with asyncio.timeout(STEP):  # the listener opens in its own task, after the sync's pass
+                while daemon.health_check.ports != {health_port}:  # noqa: ASYNC110 (a set: no event)
+                    await asyncio.sleep(0.01)
+            assert (await get(health_port, "/healthz"))[0] == 200
+            with socket.socket() as sock:
+                assert sock.connect_ex(("127.0.0.2", health_port)) != 0  # refused: not a node-port address
+
+    run(scenario())
 
 
 # --- the Kubernetes source, against the fake API server -----------------------------------------------------

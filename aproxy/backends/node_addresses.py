@@ -97,6 +97,11 @@ class NodePortAddressFollower:
         self._device = device
         self._primary = primary
 
+    @property
+    def every_address(self) -> bool:
+        """The choice is kube-proxy's "match all" (core/node_addresses.py)."""
+        return self._choice.every_address
+
     async def current(self) -> frozenset[IPAddress]:
         if self._choice.primary:
             return self._primary  # no dump: the primary addresses do not follow the interfaces

@@ -36,6 +36,12 @@ class NodePortAddresses:
                 raise ValueError(f"not a CIDR (nor {PRIMARY!r} alone): {text!r}") from None
         return cls(tuple(cidrs))
 
+    @property
+    def every_address(self) -> bool:
+        """Unset, or an unspecified CIDR (``0.0.0.0/0``, ``::/0``) among them: kube-proxy's ``MatchAll``,
+        under which its health-check node ports listen on every address rather than on the selection."""
+        return not self.primary and (not self.cidrs or any(cidr.prefixlen == 0 for cidr in self.cidrs))
+
     def select(self, local: Iterable[IPAddress], primary: Iterable[IPAddress]) -> frozenset[IPAddress]:
         """The NodePort addresses among the node's ``local`` ones (already without the dummy device's)."""
         if self.primary:

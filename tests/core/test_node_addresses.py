@@ -32,3 +32,18 @@ def test_selection(flag: tuple[str, ...], chosen: set[str]) -> None:
 def test_anything_else_is_refused_with_the_value(flag: tuple[str, ...]) -> None:
     with pytest.raises(ValueError, match="not a CIDR"):
         NodePortAddresses.parse(flag)
+
+
+@pytest.mark.parametrize(
+    ("flag", "every"),
+    [
+        pytest.param((), True, id="unset"),
+        pytest.param(("0.0.0.0/0",), True, id="ipv4-unspecified"),
+        pytest.param(("10.0.0.0/8", "::/0"), True, id="ipv6-unspecified-among-others"),
+        pytest.param(("10.0.0.0/8",), False, id="a-cidr"),
+        pytest.param(("primary",), False, id="primary"),
+    ],
+)
+def test_every_address_is_kube_proxys_match_all(flag: tuple[str, ...], every: bool) -> None:
+    """Where kube-proxy's health-check node ports listen on every address rather than on the selection."""
+    assert NodePortAddresses.parse(flag).every_address is every

@@ -277,6 +277,16 @@ async def next_change(follower: NodePortAddressFollower, change: Callable[[], No
         await asyncio.gather(following, return_exceptions=True)
 
 
+def add_new_address() -> None:
+    with netlab.rtnl() as ipr:
+        ipr.addr("add", index=netlab._link_index(ipr, BRIDGE), address=str(NEW_ADDRESS), prefixlen=24)
+
+
+def remove_new_address() -> None:
+    with netlab.rtnl() as ipr:
+        ipr.addr("del", index=netlab._link_index(ipr, BRIDGE), address=str(NEW_ADDRESS), prefixlen=24)
+
+
 def test_a_node_address_added_gets_its_node_ports_within_one_sync_and_loses_them_when_removed(
     podb: Namespace, outside: Namespace, node_a: Cluster
 ) -> None:
@@ -287,23 +297,48 @@ def test_a_node_address_added_gets_its_node_ports_within_one_sync_and_loses_them
     assert NODE_A in before and NEW_ADDRESS not in before
     assert not {CLUSTER_IP, EXTERNAL_IP, LB_IP} & before, "kube-ipvs0's addresses are not node addresses"
 
-    def add() -> None:
-        with netlab.rtnl() as ipr:
-            ipr.addr("add", index=netlab._link_index(ipr, BRIDGE), address=str(NEW_ADDRESS), prefixlen=24)
-
-    addresses = node_a.run(next_change(follower, add))
+    addresses = node_a.run(next_change(follower, add_new_address))
     assert node_a.syncer.set_node_addresses(addresses)
     node_a.apply([])  # one sync
     assert node_port_addresses() == before | {NEW_ADDRESS}
     assert netlab.tcp_request(NEW_ADDRESS, NODE_PORT, netns=outside.netns).backend == "podb"
 
-    def remove() -> None:
-        with netlab.rtnl() as ipr:
-            ipr.addr("del", index=netlab._link_index(ipr, BRIDGE), address=str(NEW_ADDRESS), prefixlen=24)
-
-    node_a.syncer.set_node_addresses(node_a.run(next_change(follower, remove)))
+    node_a.syncer.set_node_addresses(node_a.run(next_change(follower, remove_new_address)))
     node_a.apply([])
     assert node_port_addresses() == before
+
+
+def test_health_check_node_port_listens_on_the_chosen_node_port_addresses_and_follows_them(
+    podb: Namespace, outside: Namespace, settings: IPVSSettings
+) -> None:
+    """``--nodeport-addresses 192.168.50.0/24``: kube-proxy listens on the node IPs it selects, not on every
+    address; aproxy too, and it follows an address added or removed while it runs."""
+    table = HealthPortTable()
+    node = Cluster(settings, CTX, health_ports=table)
+    choice = NodePortAddresses.parse([f"{NODE_A}/24"])
+    follower = NodePortAddressFollower(choice, netlab.DUMMY_DEVICE, frozenset())
+    assert node.run(follower.current()) == {NODE_A}
+    listeners = HealthCheckListeners(table, lambda: True, addresses=[NODE_A])
+    extra = {"spec_extra": {"healthCheckNodePort": HEALTH_PORT}}
+    try:
+        node.apply(service([(podb, "node-b")], policy="Local", **extra))
+        node.run(listeners.reconcile())
+        assert node.run(asyncio.to_thread(http_get, NODE_A, HEALTH_PORT, outside))[0] == 503
+        # The LB IP (on kube-ipvs0) passes the service-IP filter on this port, but nothing listens there now.
+        assert not connects(LB_IP, HEALTH_PORT, outside)
+
+        listeners.set_addresses(node.run(next_change(follower, add_new_address)))
+        node.run(listeners.reconcile())
+        for address in (NODE_A, NEW_ADDRESS):
+            assert node.run(asyncio.to_thread(http_get, address, HEALTH_PORT, outside))[0] == 503
+
+        listeners.set_addresses(node.run(next_change(follower, remove_new_address)))
+        node.run(listeners.reconcile())
+        assert listeners.ports == {HEALTH_PORT}
+        assert node.run(asyncio.to_thread(http_get, NODE_A, HEALTH_PORT, outside))[0] == 503
+    finally:
+        node.run(listeners.close())
+        node.close()
 
 
 # --- aproxy cleanup -----------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """Health-check node port listeners over real HTTP on loopback: opened and closed with the table, kube-proxy's
-answers, 503 while aproxy is unhealthy, a port taken by another process logged and the others served."""
+answers, 503 while aproxy is unhealthy, a port taken by another process logged and the others served; on the
+node-port addresses they are given (127.0.0.1 and 127.0.0.2: both on Linux's loopback), moved at run time."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from ipaddress import ip_address
 
 import orjson
 from aiohttp import ClientSession
@@ -23,21 +25,24 @@ def free_port() -> int:
         return port
 
 
-async def probe(port: int, path: str = "/") -> tuple[int, dict[str, str], object]:
-    async with ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as response:
+LOOPBACK, OTHER = ip_address("127.0.0.1"), ip_address("127.0.0.2")
+
+
+async def probe(port: int, path: str = "/", host: str = "127.0.0.1") -> tuple[int, dict[str, str], object]:
+    async with ClientSession() as session, session.get(f"http://{host}:{port}{path}") as response:
         return response.status, dict(response.headers), orjson.loads(await response.read())
 
 
-def refused(port: int) -> bool:
+def refused(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
+        return sock.connect_ex((host, port)) != 0
 
 
 def test_listeners_follow_the_table_and_answer_like_kube_proxy() -> None:
     async def scenario() -> None:
         healthy = [True]
         table = HealthPortTable()
-        listeners = HealthCheckListeners(table, lambda: healthy[0], host="127.0.0.1")
+        listeners = HealthCheckListeners(table, lambda: healthy[0], addresses=[LOOPBACK])
         web_port, api_port = free_port(), free_port()
         serving = asyncio.create_task(listeners.serve())
         try:
@@ -84,7 +89,7 @@ def test_a_port_another_process_holds_is_counted_and_the_others_served() -> None
             taken.listen()
             busy = taken.getsockname()[1]
             table = HealthPortTable()
-            listeners = HealthCheckListeners(table, lambda: True, host="127.0.0.1")
+            listeners = HealthCheckListeners(table, lambda: True, addresses=[LOOPBACK])
             good = free_port()
             table.update(WEB, HealthCheckPort(busy, WEB, 1))
             table.update(API, HealthCheckPort(good, API, 1))
@@ -95,5 +100,77 @@ def test_a_port_another_process_holds_is_counted_and_the_others_served() -> None
                 assert (await probe(good))[0] == 200
             finally:
                 await listeners.close()
+
+    asyncio.run(scenario())
+
+
+def test_listeners_bind_only_the_addresses_given_and_move_with_them() -> None:
+    async def scenario() -> None:
+        table = HealthPortTable()
+        listeners = HealthCheckListeners(table, lambda: True, addresses=[LOOPBACK])
+        port = free_port()
+        serving = asyncio.create_task(listeners.serve())
+        try:
+            table.update(WEB, HealthCheckPort(port, WEB, 1))
+            await asyncio.sleep(0.05)
+            assert (await probe(port, host="127.0.0.1"))[0] == 200
+            assert refused(port, "127.0.0.2")  # a local address that is not a node-port address
+
+            listeners.set_addresses([OTHER])  # the node-port addresses changed: the listener moves
+            await asyncio.sleep(0.05)
+            assert refused(port, "127.0.0.1")
+            assert (await probe(port, host="127.0.0.2"))[0] == 200
+            assert listeners.ports == {port}
+
+            listeners.set_addresses([])  # no node-port address at all: nowhere, as kube-proxy
+            await asyncio.sleep(0.05)
+            assert refused(port, "127.0.0.1") and refused(port, "127.0.0.2")
+            assert listeners.ports == set()
+
+            listeners.set_addresses(None)  # every address again
+            await asyncio.sleep(0.05)
+            assert (await probe(port, host="127.0.0.1"))[0] == 200
+            assert (await probe(port, host="127.0.0.2"))[0] == 200
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+        assert refused(port, "127.0.0.1") and refused(port, "127.0.0.2")
+
+    asyncio.run(scenario())
+
+
+def test_without_addresses_every_address_answers() -> None:
+    async def scenario() -> None:
+        table = HealthPortTable()
+        listeners = HealthCheckListeners(table, lambda: True)
+        port = free_port()
+        table.update(WEB, HealthCheckPort(port, WEB, 0))
+        await listeners.reconcile()
+        try:
+            assert (await probe(port, host="127.0.0.1"))[0] == 503
+            assert (await probe(port, host="127.0.0.2"))[0] == 503
+        finally:
+            await listeners.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_address_that_cannot_be_bound_is_counted_and_the_others_served() -> None:
+    async def scenario() -> None:
+        table = HealthPortTable()
+        gone = ip_address("192.0.2.1")  # TEST-NET-1: on no interface (an address removed a moment ago)
+        listeners = HealthCheckListeners(table, lambda: True, addresses=[LOOPBACK, gone])
+        port = free_port()
+        table.update(WEB, HealthCheckPort(port, WEB, 1))
+        await listeners.reconcile()
+        try:
+            assert listeners.bind_failures == 1
+            assert listeners.ports == {port}
+            assert (await probe(port))[0] == 200
+            await listeners.reconcile()  # tried again at the next pass, still failing, still counted
+            assert listeners.bind_failures == 2
+        finally:
+            await listeners.close()
+        assert refused(port)
 
     asyncio.run(scenario())
