@@ -329,6 +329,15 @@ def test_one_socket_serves_check_after_check(reuse: bool) -> None:
     assert idle == (1 if reuse else 0)  # checks one at a time: one socket, kept between them
 
 
+def test_no_more_sockets_are_kept_than_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each kept socket holds a descriptor: past the cap, a judged check's socket is closed, not kept.
+    monkeypatch.setattr(prober_module, "IDLE_CAP", 0)
+    with closed_port() as bad:
+        results, idle = run_checks([key(bad)] * 3)
+    assert results == [REFUSED] * 3
+    assert idle == 0
+
+
 def test_sockets_are_reused_only_where_they_can_be_disconnected(monkeypatch: pytest.MonkeyPatch) -> None:
     assert prober_module._libc_connect() is not None  # Linux: connect(AF_UNSPEC) disconnects
     monkeypatch.setattr(sys, "platform", "darwin")
