@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 from ipaddress import ip_address
 
 import orjson
@@ -26,6 +27,7 @@ def free_port() -> int:
 
 
 LOOPBACK, OTHER = ip_address("127.0.0.1"), ip_address("127.0.0.2")
+STEP = 5.0
 
 
 async def probe(port: int, path: str = "/", host: str = "127.0.0.1") -> tuple[int, dict[str, str], object]:
@@ -38,6 +40,14 @@ def refused(port: int, host: str = "127.0.0.1") -> bool:
         return sock.connect_ex((host, port)) != 0
 
 
+async def reconciled(condition: Callable[[], bool]) -> None:
+    """Until the serving task has reconciled a change (``condition`` holds), at most STEP seconds: a fixed
+    sleep would race the binds on a loaded machine."""
+    async with asyncio.timeout(STEP):
+        while not condition():  # noqa: ASYNC110 (the condition is the kernel's answer to a connect)
+            await asyncio.sleep(0.01)
+
+
 def test_listeners_follow_the_table_and_answer_like_kube_proxy() -> None:
     async def scenario() -> None:
         healthy = [True]
@@ -48,7 +58,7 @@ def test_listeners_follow_the_table_and_answer_like_kube_proxy() -> None:
         try:
             table.update(WEB, HealthCheckPort(web_port, WEB, 0))
             table.update(API, HealthCheckPort(api_port, API, 2))
-            await asyncio.sleep(0.05)
+            await reconciled(lambda: listeners.ports == {web_port, api_port})
             assert listeners.ports == {web_port, api_port}
 
             status, headers, body = await probe(web_port, "/healthz")
@@ -70,7 +80,7 @@ def test_listeners_follow_the_table_and_answer_like_kube_proxy() -> None:
             healthy[0] = True
 
             table.update(WEB, None)  # the service went away: its listener closes, the other stays
-            await asyncio.sleep(0.05)
+            await reconciled(lambda: listeners.ports == {api_port})
             assert listeners.ports == {api_port}
             assert refused(web_port)
             assert (await probe(api_port))[0] == 200
@@ -112,23 +122,23 @@ def test_listeners_bind_only_the_addresses_given_and_move_with_them() -> None:
         serving = asyncio.create_task(listeners.serve())
         try:
             table.update(WEB, HealthCheckPort(port, WEB, 1))
-            await asyncio.sleep(0.05)
+            await reconciled(lambda: not refused(port, "127.0.0.1"))
             assert (await probe(port, host="127.0.0.1"))[0] == 200
             assert refused(port, "127.0.0.2")  # a local address that is not a node-port address
 
             listeners.set_addresses([OTHER])  # the node-port addresses changed: the listener moves
-            await asyncio.sleep(0.05)
+            await reconciled(lambda: refused(port, "127.0.0.1") and not refused(port, "127.0.0.2"))
             assert refused(port, "127.0.0.1")
             assert (await probe(port, host="127.0.0.2"))[0] == 200
             assert listeners.ports == {port}
 
             listeners.set_addresses([])  # no node-port address at all: nowhere, as kube-proxy
-            await asyncio.sleep(0.05)
+            await reconciled(lambda: refused(port, "127.0.0.1") and refused(port, "127.0.0.2"))
             assert refused(port, "127.0.0.1") and refused(port, "127.0.0.2")
             assert listeners.ports == set()
 
             listeners.set_addresses(None)  # every address again
-            await asyncio.sleep(0.05)
+            await reconciled(lambda: not refused(port, "127.0.0.1") and not refused(port, "127.0.0.2"))
             assert (await probe(port, host="127.0.0.1"))[0] == 200
             assert (await probe(port, host="127.0.0.2"))[0] == 200
         finally:
