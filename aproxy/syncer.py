@@ -196,8 +196,8 @@ class Syncer:
         self._tracker.take_dirty()
         self._retry.clear()
         # Rounds begun on the old planner start over.
-        self._audit_queue = self._audit_tail = self._drain_queue = None
-        self._audit_begun = False
+        self._end_audit_round()
+        self._drain_queue = None
         desired = desired_all(self._tracker, self._ctx, self._health)
         report = await self._execute("start", self._planner.plan_full(desired), len(desired))
         if self._health_ports is not None:
@@ -261,8 +261,7 @@ class Syncer:
 
     def abandon_audit(self) -> None:
         """The kernel could not be read: the round ends here; the next audit starts a new one."""
-        self._audit_queue = self._audit_tail = None
-        self._audit_begun = False
+        self._end_audit_round()
 
     def abandon_drain(self) -> None:
         """The kernel could not be read: the round ends here; the next drain check starts a new one."""
@@ -305,8 +304,7 @@ class Syncer:
         try:
             await anext(self._audit_tail)
         except StopAsyncIteration:
-            self._audit_queue = self._audit_tail = None
-            self._audit_begun = False
+            self._end_audit_round()
             self.counters.passes["audit"] += 1  # a round is one audit
         return SyncReport("audit")
 
@@ -373,6 +371,11 @@ class Syncer:
         return SyncReport("drain", tuple(results))
 
     # --- internals -----------------------------------------------------------------------------------------
+
+    def _end_audit_round(self) -> None:
+        """No audit round in progress: the next ``audit_slice`` begins one with the bound addresses."""
+        self._audit_begun = False
+        self._audit_queue = self._audit_tail = None
 
     def _around(self, key: ServiceKey) -> _Around:
         service, slices = self._tracker.inputs(key)
