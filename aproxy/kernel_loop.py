@@ -55,10 +55,6 @@ PassKind = Literal["sync", "audit", "drain"]
 # audit guards against drift nobody should cause; changes and drains must not wait behind it.
 AUDIT_SHARE: Final = 0.25
 
-# How soon after a sync's end a slice counts as starting right after it (the loop asks at once; a slice due
-# later in the gap must fit before the next sync like any other).
-RIGHT_AFTER: Final = 0.01
-
 # A pass that could not be attempted at all: nothing per operation to report, retry the whole thing.
 _WHOLESALE_FAILURES: Final = (BackendError, OSError)
 
@@ -209,9 +205,7 @@ class KernelLoop:
     def _fits(self, kind: PassKind, at: float, sync_at: float | None) -> bool:
         # A step never seen yet is expected to take a whole period: after a sync, or with none due soon.
         expected = self._slices.expected(self._step(kind), unseen=self._scheduler.min_interval)
-        # "Right after a sync": when the loop asks at once after the sync pass, not a slice due later on.
-        after_sync = self._sync_ended is not None and at - self._sync_ended <= RIGHT_AFTER
-        return may_start(at, expected, sync_at, after_sync=after_sync)
+        return may_start(at, expected, sync_at, sync_ended=self._sync_ended)
 
     def _step(self, kind: PassKind) -> str:
         if kind == "audit" and self.syncer is not None:

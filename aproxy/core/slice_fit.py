@@ -23,6 +23,9 @@ from typing import Final
 # How many recent slices of a step the estimate looks at: enough to cover the spread within a step
 # (the drain slices' reads vary with the connections they count), few enough to follow a change of load.
 RECENT: Final = 8
+# How soon after a sync's end a slice counts as starting right after it (the loop asks at once; a slice due
+# later in the gap must fit before the next sync like any other, or it could start just before one).
+RIGHT_AFTER: Final = 0.01
 
 
 @dataclass(slots=True)
@@ -46,8 +49,9 @@ class SliceDurations:
         return max(durations) if durations else unseen
 
 
-def may_start(at: float, expected: float, sync_due: float | None, *, after_sync: bool) -> bool:
+def may_start(at: float, expected: float, sync_due: float | None, *, sync_ended: float | None) -> bool:
     """Whether a slice expected to take ``expected`` s may start at ``at``, the next sync being due at
-    ``sync_due`` (``None``: none is due until a change comes); ``after_sync``: the loop's last pass was a
-    sync."""
-    return after_sync or sync_due is None or at + expected <= sync_due
+    ``sync_due`` (``None``: none is due until a change comes); ``sync_ended``: when the loop's last pass, a
+    sync, ended (``None``: the last pass was not a sync)."""
+    right_after = sync_ended is not None and at - sync_ended <= RIGHT_AFTER
+    return right_after or sync_due is None or at + expected <= sync_due

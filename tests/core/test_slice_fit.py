@@ -28,17 +28,19 @@ def test_a_negative_duration_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("at", "expected", "sync_due", "after_sync", "allowed"),
+    ("at", "expected", "sync_due", "sync_ended", "allowed"),
     [
-        (10.0, 0.2, None, False, True),  # no sync due until a change comes
-        (10.0, 0.2, 10.3, False, True),  # ends before the sync is due
-        (10.0, 0.2, 10.2, False, True),  # ends just as it is due
-        (10.0, 0.2, 10.1, False, False),  # would hold the sync up
-        (10.0, 0.0, 10.0, False, True),  # nothing to wait for
-        (10.0, 2.0, 11.0, True, True),  # right after a sync: progress, however long
+        (10.0, 0.2, None, None, True),  # no sync due until a change comes
+        (10.0, 0.2, 10.3, None, True),  # ends before the sync is due
+        (10.0, 0.2, 10.2, None, True),  # ends just as it is due
+        (10.0, 0.2, 10.1, None, False),  # would hold the sync up
+        (10.0, 0.0, 10.0, None, True),  # nothing to wait for
+        (10.0, 2.0, 11.0, 9.995, True),  # right after a sync: progress, however long
+        # Late in the gap after a sync (the loop idle since): it must fit like any other.
+        (10.9, 0.5, 11.0, 10.0, False),
     ],
 )
 def test_a_slice_starts_only_if_it_ends_before_the_next_due_sync(
-    at: float, expected: float, sync_due: float | None, after_sync: bool, allowed: bool
+    at: float, expected: float, sync_due: float | None, sync_ended: float | None, allowed: bool
 ) -> None:
-    assert may_start(at, expected, sync_due, after_sync=after_sync) is allowed
+    assert may_start(at, expected, sync_due, sync_ended=sync_ended) is allowed
